@@ -1,0 +1,171 @@
+"""The three Muon-specific optax transforms: momentum, orthogonalisation, shape scaling.
+
+Each is a small ``optax.GradientTransformation`` usable on its own; :func:`muon_jax.muon` chains them
+with ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``.
+
+Matrix axes. Every leaf these transforms see is treated as a batch of matrices: by default the last
+two axes are the matrix ``[A, B]`` (``A`` = fan-in, ``B`` = fan-out for ``y = x @ W``) and every leading
+axis (stacked layers, experts) indexes independent matrices. ``matrix_axes`` overrides this with a
+pytree of ``(row_axis, col_axis)`` pairs matching the updates (``None`` entries keep the default), or a
+callable that returns such a pytree from the updates it is given. Inside :func:`muon_jax.muon` the
+updates are ``optax.partition``-masked, so non-Muon leaves appear as ``optax.MaskedNode``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from muon_jax.newton_schulz import CoeffsSpec, newton_schulz_iterate, resolve_coeffs
+
+MatrixAxes = Union[None, Any, Callable[[Any], Any]]
+LR_SCALES = ("moonlight", "spectral", "none")
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def matrix_axes_of(path, x, axes) -> tuple[int, int]:
+    """The two non-negative matrix axes of leaf ``x`` (``axes`` None means the last two)."""
+    where = jax.tree_util.keystr(path) or "<root>"
+    if x.ndim < 2:
+        raise ValueError(
+            f"Muon needs matrices, but the leaf at {where} has shape {x.shape} (ndim {x.ndim} < 2). "
+            "Label it 'adam' (muon(labels=...)) or reshape it into a matrix.")
+    rows, cols = (-2, -1) if axes is None else axes
+    rows, cols = rows % x.ndim, cols % x.ndim
+    if rows == cols:
+        raise ValueError(f"matrix_axes for the leaf at {where} name the same axis twice: {axes}.")
+    return rows, cols
+
+
+def map_matrices(fn: Callable[[jax.Array, tuple[int, int]], jax.Array], updates, matrix_axes):
+    """Applies ``fn(leaf, (row_axis, col_axis))`` to every array leaf; masked leaves pass through."""
+    spec = matrix_axes(updates) if callable(matrix_axes) else matrix_axes
+    if spec is None:
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: fn(x, matrix_axes_of(p, x, None)), updates)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x, ax: x if _is_masked(x) else fn(x, matrix_axes_of(p, x, ax)),
+        updates, spec, is_leaf=_is_masked)
+
+
+class ScaleByMomentumState(NamedTuple):
+    """The momentum buffer ``M``, one per parameter."""
+    mu: optax.Updates
+
+
+def scale_by_momentum(
+    momentum: float = 0.95, nesterov: bool = True, mu_dtype: Optional[Any] = None
+) -> optax.GradientTransformation:
+    r"""Heavy-ball momentum exactly as in Moonlight's Muon (no dampening, no bias correction).
+
+    .. math::
+        M_t = \mu M_{t-1} + G_t, \qquad
+        \text{out}_t = G_t + \mu M_t \ \text{(Nesterov)} \quad\text{or}\quad M_t.
+
+    ``optax.contrib.muon`` instead uses a bias-corrected EMA ``(1-\beta)``-weighted Nesterov average;
+    after Newton–Schulz (which normalises scale) the two differ only in the relative weight of the
+    newest gradient.
+
+    Args:
+      momentum: ``μ``.
+      nesterov: use the Nesterov look-ahead ``G + μM``.
+      mu_dtype: dtype of the buffer (default: the parameter's). The output keeps the gradient's dtype.
+
+    References:
+      Liu et al., *Muon is Scalable for LLM Training*, arXiv 2502.16982, Algorithm 1.
+    """
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init_fn(params):
+        return ScaleByMomentumState(
+            mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda g, m: (momentum * m + g).astype(m.dtype), updates, state.mu)
+        out = jax.tree.map(
+            lambda g, m: (g + momentum * m if nesterov else m).astype(g.dtype), updates, mu)
+        return out, ScaleByMomentumState(mu=mu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def orthogonalize(
+    *,
+    steps: int = 5,
+    coeffs: CoeffsSpec = "moonlight",
+    eps: float = 1e-7,
+    dtype: Any = jnp.dtype(jnp.bfloat16),
+    matrix_axes: MatrixAxes = None,
+) -> optax.GradientTransformation:
+    r"""Replaces each matrix ``M`` of the updates by ``NS(M) ≈ U Vᵀ`` (``M = U S Vᵀ``).
+
+    Stateless. Runs :func:`muon_jax.newton_schulz` over the matrix axes of every leaf, all other axes
+    being independent matrices. The result has the update's dtype.
+
+    Args:
+      steps, coeffs, eps, dtype: as in :func:`muon_jax.newton_schulz`.
+      matrix_axes: which two axes form the matrix; see the module docstring.
+    """
+    resolve_coeffs(coeffs, 1)  # fail at construction on an unknown name
+
+    def orthogonalize_leaf(x, axes):
+        m = jnp.moveaxis(x, axes, (-2, -1))
+        o = newton_schulz_iterate(m, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype)
+        return jnp.moveaxis(o, (-2, -1), axes)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return map_matrices(orthogonalize_leaf, updates, matrix_axes), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def shape_scale(lr_scale: Union[str, Callable[[tuple[int, int]], float]], shape: tuple[int, int]):
+    """The per-matrix learning-rate multiplier for a matrix of shape ``(fan_in, fan_out)``."""
+    fan_in, fan_out = shape
+    if callable(lr_scale):
+        return lr_scale(shape)
+    if lr_scale == "moonlight":
+        return 0.2 * math.sqrt(max(fan_in, fan_out))
+    if lr_scale == "spectral":
+        return math.sqrt(max(1.0, fan_out / fan_in))
+    if lr_scale == "none":
+        return 1.0
+    raise ValueError(
+        f"Unknown lr_scale {lr_scale!r}; choose one of {LR_SCALES} or a callable (fan_in, fan_out) -> float.")
+
+
+def scale_by_shape(
+    lr_scale: Union[str, Callable[[tuple[int, int]], float]] = "moonlight",
+    matrix_axes: MatrixAxes = None,
+) -> optax.GradientTransformation:
+    r"""Multiplies each matrix update by a factor of its shape ``[A, B]`` (fan-in ``A``, fan-out ``B``).
+
+    - ``"moonlight"``: ``0.2·√max(A, B)``. An orthogonalised full-rank matrix has RMS
+      ``√(1/max(A, B))`` (Lemma 1 of arXiv 2502.16982), so the update RMS becomes 0.2 for every shape,
+      matching AdamW's typical update RMS: AdamW's learning rate and weight decay carry over.
+    - ``"spectral"``: ``√max(1, B/A)`` (Keller Jordan's Muon; Bernstein & Newhouse's spectral scaling).
+    - ``"none"``: 1.
+    - a callable ``(A, B) -> float``.
+
+    Args:
+      lr_scale: the rule above.
+      matrix_axes: which two axes form the matrix; see the module docstring.
+    """
+    shape_scale(lr_scale, (1, 1))  # fail at construction on an unknown name
+
+    def scale_leaf(x, axes):
+        return x * jnp.asarray(shape_scale(lr_scale, (x.shape[axes[0]], x.shape[axes[1]])), x.dtype)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return map_matrices(scale_leaf, updates, matrix_axes), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
