@@ -1,0 +1,1 @@
+"""Benchmarks and paper reproductions; each script prints its figures and writes them under docs/."""
