@@ -12,12 +12,13 @@ from muon_jax.newton_schulz import CoeffsSpec
 from muon_jax.transforms import MatrixAxes, orthogonalize, scale_by_momentum, scale_by_shape
 
 LABELS = ("muon", "adam")
-_ADAM_PATH = re.compile(r"embed|lm_head", re.IGNORECASE)
+_ADAM_PATH = re.compile(r"embed|lm_head|norm|bias", re.IGNORECASE)
 
 
 def default_labels(params) -> Any:
     """The default routing: ``"adam"`` for leaves with ndim < 2 (norms, biases, scalars) and for any
-    leaf whose path mentions ``embed`` or ``lm_head`` (case-insensitive); ``"muon"`` for every other
+    leaf whose path mentions ``embed``, ``lm_head``, ``norm`` or ``bias`` (case-insensitive: the last
+    two catch layer-stacked ``[L, d]`` norm scales and biases); ``"muon"`` for every other
     leaf, whose last two axes are the matrix and whose leading axes (stacked layers, experts) index
     independent matrices. (``optax.contrib.muon`` sends 3-D leaves to Adam unless told otherwise.)"""
     def label(path, x):

@@ -45,7 +45,7 @@ def adamw_ref_update(g, m, v, w, t, *, lr, b1=0.9, b2=0.95, eps=1e-8, wd):
 def make_params(key):
     shapes = {
         "embed": (50, 16), "attn": {"wq": (16, 24)}, "stack": (3, 16, 40), "experts": (2, 4, 12, 8),
-        "norm": (16,), "lm_head": (16, 50),
+        "norm": (16,), "lm_head": (16, 50), "layers": {"attn_norm": (3, 16), "q_bias": (3, 24)},
     }
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
     keys = jax.random.split(key, len(leaves))
@@ -61,7 +61,7 @@ def test_trajectory_matches_float64_reference(nesterov):
     update = jax.jit(tx.update)
     labels = muon_jax.default_labels(params)
     assert labels == {"embed": "adam", "attn": {"wq": "muon"}, "stack": "muon", "experts": "muon",
-                      "norm": "adam", "lm_head": "adam"}
+                      "norm": "adam", "lm_head": "adam", "layers": {"attn_norm": "adam", "q_bias": "adam"}}
 
     ref_w = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
     ref_s = jax.tree.map(lambda p: [np.zeros_like(p), np.zeros_like(p)], ref_w)
