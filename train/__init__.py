@@ -1,0 +1,1 @@
+"""muon-jax trainer: Flax Llama/MoE models, grain data, orbax checkpoints, the training loop and CLI."""
