@@ -1,0 +1,205 @@
+"""The one config object of a run: YAML file + dotted command-line overrides, validated strictly.
+
+A run is described by nested dataclasses (`Config` and its sections). `load_config(path, overrides)` reads the
+YAML, applies `a.b.c=value` overrides (values parsed as YAML scalars), and builds the dataclasses; an unknown key
+anywhere fails with the closest valid names, a value of the wrong type names the key and the expected type.
+`model` is a Hugging Face-style model config dict (`train.models.config_from_dict` validates it); `data` is
+`train.data.DataConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from train.data import DataConfig
+
+OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("cosine", "wsd", "constant")
+NAN_POLICIES = ("halt", "skip")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a run; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """`muon` (muon_jax.muon: Muon for hidden matrices, AdamW for the rest) or `adamw` (optax.adamw on all)."""
+    name: str = "muon"
+    learning_rate: float = 3e-3          # peak LR; shared by both Muon branches (Moonlight's 0.2-RMS matching)
+    weight_decay: float = 0.1
+    b1: float = 0.9                      # AdamW betas (the Adam branch of muon, or adamw)
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.95               # Muon
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coeffs: str = "moonlight"
+    ns_dtype: str = "bfloat16"
+    lr_scale: str = "moonlight"
+    ns_mode: str = "balanced"            # distributed Muon when params are sharded: "balanced" | "gather"
+    grad_clip: float = 1.0               # global-norm clip; 0 disables
+    z_loss: float = 0.0                  # coefficient of log(Z)^2 (PaLM); 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """`cosine`: linear warmup then cosine to `final_fraction`·peak. `wsd`: warmup, stable, then a linear decay
+    over the last `decay_fraction` of the steps. `constant`: warmup then flat."""
+    name: str = "cosine"
+    warmup_steps: int = 100
+    final_fraction: float = 0.1
+    decay_fraction: float = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one axis may be -1 (all remaining devices). Logical axis rules map params onto them."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500                     # steps between saves; the last step is always saved
+    keep: int = 3                        # newest checkpoints kept
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every: int = 10                      # steps between metrics lines
+    eval_every: int = 200                # steps between validation passes (and at the end)
+    eval_batches: int = 8
+    sample_prompt: str = "\n"            # text generated from at the end of the run
+    sample_tokens: int = 200
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/tiny"
+    steps: int = 1000
+    seed: int = 0
+    seq_len: int = 256
+    global_batch: int = 32               # sequences per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1                  # micro-batches per step
+    nan_policy: str = "halt"             # "halt": stop with a clear error; "skip": drop the step's update
+    max_consecutive_skips: int = 5
+    model: dict = dataclasses.field(default_factory=dict)
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _closest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+
+
+def _check_type(where: str, value, annotation):
+    """Coerce/validate one scalar against its field annotation (ints are valid floats; None only if Optional)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is dict and isinstance(value, dict):
+        return value
+    if isinstance(annotation, type) and isinstance(value, annotation) and not (
+            annotation is int and isinstance(value, bool)):
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"config key {where!r} must be {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix + key!r}: {_closest(key, fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(prefix + key, value, hint)
+    return cls(**kwargs)
+
+
+def _validate(c: Config) -> Config:
+    def choice(where, value, options):
+        if value not in options:
+            raise ConfigError(f"{where}={value!r}; choose one of {options}")
+    choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
+    choice("schedule.name", c.schedule.name, SCHEDULES)
+    choice("nan_policy", c.nan_policy, NAN_POLICIES)
+    for key in ("steps", "seq_len", "global_batch", "grad_accum"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"{key}={getattr(c, key)} must be ≥ 1")
+    if c.global_batch % c.grad_accum:
+        raise ConfigError(f"global_batch={c.global_batch} is not divisible by grad_accum={c.grad_accum}")
+    sizes = [getattr(c.mesh, a) for a in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: each must be ≥ 1, at most one may be -1")
+    if "model_type" not in c.model:
+        raise ConfigError("config section 'model' needs a model_type ('llama', 'qwen2' or 'deepseek_v3')")
+    return c
+
+
+def set_dotted(d: dict, dotted: str, value) -> None:
+    """d['a']['b'] = value for 'a.b' (creating sections as needed)."""
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    d[leaf] = value
+
+
+def parse_overrides(overrides) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optimizer.learning_rate=0.01)")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else "")) 
+    return pairs
+
+
+def config_from_dict(d: dict, overrides=()) -> Config:
+    d = dict(d)
+    for key, value in parse_overrides(overrides):
+        set_dotted(d, key, value)
+    return _validate(_build(Config, d, ""))
+
+
+def load_config(path: Optional[str | Path] = None, overrides=()) -> Config:
+    """Config from a YAML file (default: configs/tiny.yaml next to this package) plus `key=value` overrides."""
+    path = Path(path) if path else Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/<name>.yaml")
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    return config_from_dict(d, overrides)
