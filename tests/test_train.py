@@ -1,0 +1,105 @@
+"""End-to-end trainer runs on CPU: loss falls, resume is exact, sharded == single device, 2 processes == 1."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.config import load_config
+from train.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+# A model and batch small enough for seconds per run; byte tokenizer so no BPE is trained.
+SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+         "model.num_attention_heads=4", "model.num_key_value_heads=2", "seq_len=64", "global_batch=16",
+         "data.tokenizer=byte", "log.eval_batches=2", "log.tensorboard=false", "log.sample_tokens=0",
+         "optimizer.ns_dtype=float32", "schedule.warmup_steps=5", "mesh.data=1"]
+
+
+def run(tmp_path, name, *overrides, config="tiny.yaml", stop_after=None):
+    cfg = load_config(ROOT / "configs" / config, [*SMALL, f"run_dir={tmp_path / name}", *overrides])
+    return train(cfg, stop_after=stop_after), read_metrics(tmp_path / name)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_learns_and_writes_its_run_dir(tmp_path):
+    summary, rows = run(tmp_path, "a", "steps=60", "log.every=10", "log.eval_every=30",
+                        "optimizer.learning_rate=0.02", "checkpoint.every=30", "log.sample_tokens=20",
+                        "log.tensorboard=true")
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < losses[0] - 1.0, losses          # byte-level: ~5.5 nats at init
+    assert summary["val_loss"] < summary["unigram_entropy"], summary
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "update_rms_muon", "update_rms_adam",
+                "max_attn_logit"):
+        assert key in rows[-1], key
+    assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
+    # Moonlight's scaling: Muon's update RMS relative to the LR is ≈ 0.2 (+ a little weight decay)
+    assert 0.15 < rows[-1]["update_rms_muon"] < 0.3, rows[-1]
+    run_dir = tmp_path / "a"
+    assert (run_dir / "config.yaml").is_file() and list((run_dir / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [30, 60]
+    assert isinstance(summary["sample"], str) and len(summary["sample"]) > 5
+
+    from train.plot import plot_runs
+    png = plot_runs([run_dir], tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ["log.every=5", "checkpoint.every=10", "log.eval_every=1000", "checkpoint.async_save=true"]
+    _, straight = run(tmp_path, "straight", "steps=20", *common)
+    run(tmp_path, "resumed", "steps=20", *common, stop_after=10)
+    summary, resumed = run(tmp_path, "resumed", "steps=20", *common)
+    assert summary["start_step"] == 10
+    after = {r["step"]: r["loss"] for r in resumed if r["step"] > 10}
+    assert after == {r["step"]: r["loss"] for r in straight if r["step"] > 10}  # bit for bit on CPU
+
+
+def test_sharded_run_matches_single_device(tmp_path):
+    common = ["steps=8", "log.every=2", "log.eval_every=1000", "checkpoint.every=1000"]
+    _, single = run(tmp_path, "single", *common)
+    _, sharded = run(tmp_path, "sharded", *common, "mesh.data=2", "mesh.fsdp=4")
+    np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in single], rtol=2e-4)
+
+
+def test_moe_config_trains(tmp_path):
+    moe = ["model.hidden_size=64", "model.moe_intermediate_size=32", "model.intermediate_size=128",
+           "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
+           "model.num_hidden_layers=2"]
+    _, rows = run(tmp_path, "moe", "steps=20", "log.every=10", "log.eval_every=1000", *moe,
+                  "optimizer.learning_rate=0.02", config="moonlight_tiny.yaml")
+    assert rows[-1]["loss"] < rows[0]["loss"] and "expert_load_max_over_mean" in rows[-1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """2 CPU processes × 1 device (jax.distributed on localhost) == 1 process × 2 devices, same global batch."""
+    common = [*SMALL, "steps=6", "log.every=2", "log.eval_every=1000", "checkpoint.every=1000", "mesh.data=-1"]
+    def env(devices):
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_PLATFORMS": "cpu"}
+    one = subprocess.run([sys.executable, "-m", "train", f"run_dir={tmp_path / 'one'}", *common],
+                         env=env(2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "train", f"run_dir={tmp_path / 'two'}", *common,
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "two")],
+                               [r["loss"] for r in read_metrics(tmp_path / "one")], rtol=1e-5)

@@ -1,0 +1,123 @@
+"""Orbax checkpoints of a run: params, optimizer state, model variables, data-iterator state and metadata.
+
+Layout: `run_dir/checkpoints/<step>/{params,opt_state,variables,data,meta}`. Items are separate so inference
+restores `params` alone. Orbax writes each step into a temporary directory and renames it when complete, so a
+save killed half-way never looks like a checkpoint; on restore, a checkpoint that fails to read (truncated or
+missing files) is reported and the next older one is tried. Nothing here deletes a checkpoint except orbax's
+`max_to_keep` rotation after a newer save has completed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("train")
+
+ITEMS = ("params", "opt_state", "variables", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the config; the message says which and what to do."""
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(run_dir).resolve() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, *, params, opt_state, variables, data: dict, meta: dict) -> None:
+        if step in self.manager.all_steps():
+            # only an unreadable checkpoint (skipped on resume) can hold a step we are about to write again:
+            # keep it for inspection under another name rather than overwrite or delete it
+            if jax.process_index() == 0:
+                aside = self.directory / f"unreadable-{step}-{int(time.time())}"
+                (self.directory / str(step)).rename(aside)
+                log.warning("moved the unreadable checkpoint of step %d to %s", step, aside)
+            self.manager.reload()
+        trees = {"params": params, "opt_state": opt_state, "variables": variables}
+        # orbax refuses empty trees (a dense model has no non-Param variables): such items are simply absent
+        args = {k: ocp.args.StandardSave(v) for k, v in trees.items() if jax.tree.leaves(v)}
+        self.manager.save(step, args=ocp.args.Composite(
+            **args, data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int, *, params, opt_state, variables) -> dict[str, Any]:
+        """Restore one step into the shapes/shardings of the given (abstract or concrete) trees."""
+        trees = {"params": params, "opt_state": opt_state, "variables": variables}
+        args = {k: ocp.args.StandardRestore(abstract_like(v)) for k, v in trees.items() if jax.tree.leaves(v)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            **args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return {name: restored[name] if name in args or name in ("data", "meta") else trees[name]
+                for name in ITEMS}
+
+    def restore_latest_valid(self, **targets) -> tuple[int, dict[str, Any]] | None:
+        """The newest checkpoint that restores cleanly (older ones are tried when a newer one is corrupt)."""
+        failures = []
+        for step in reversed(self.steps()):
+            try:
+                restored = self.restore(step, **targets)
+            except Exception as e:  # a corrupt checkpoint shows up as any of orbax/tensorstore/json errors
+                failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                log.warning("checkpoint %s/%d is unreadable (%s); trying an older one",
+                            self.directory, step, failures[-1])
+                continue
+            if failures:
+                log.warning("resuming from step %d; newer checkpoints skipped: %s", step, "; ".join(failures))
+            return step, restored
+        if failures:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory}: {'; '.join(failures)}. Move the directory away to "
+                "start afresh, or fix the config if the shapes changed.")
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_for_inference(run_dir: str | Path, step: int | None = None):
+    """(model, tokenizer) from a trainer run directory: its config.yaml and the params of a checkpoint (the
+    newest readable one unless `step` is given)."""
+    from flax import nnx
+
+    from train.config import load_config
+    from train.data import load_tokenizer
+    from train.train import cache_dir, model_config_for
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); pass a directory made by "
+                              "`python -m train`, or a Hugging Face checkpoint directory")
+    cfg = load_config(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(cfg.data, cache_dir(cfg))
+    model_cfg = model_config_for(cfg, tokenizer)
+    from train.models import model_class
+    abstract = nnx.eval_shape(lambda: model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, variables = nnx.split(abstract, nnx.Param, ...)
+    manager = ocp.CheckpointManager(run_dir.resolve() / "checkpoints", item_names=ITEMS)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}; train first")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), (params, variables))
+    args = {"params": ocp.args.StandardRestore(target[0])}
+    if jax.tree.leaves(target[1]):
+        args["variables"] = ocp.args.StandardRestore(target[1])
+    restored = manager.restore(step or steps[-1], args=ocp.args.Composite(**args))
+    return nnx.merge(graphdef, restored["params"], restored["variables"] if "variables" in args else variables), tokenizer
