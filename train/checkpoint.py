@@ -30,6 +30,12 @@ def abstract_like(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _path_name(path) -> str:
+    """'layers/mlp/down_proj/kernel' for both nnx State paths (…].value) and orbax metadata paths (…]['value'])."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return "/".join(p for p in parts if p != "value")
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(run_dir).resolve() / "checkpoints"
@@ -63,12 +69,31 @@ class Checkpointer:
         return {name: restored[name] if name in args or name in ("data", "meta") else trees[name]
                 for name in ITEMS}
 
+    def check_shapes(self, step: int, params) -> None:
+        """Raise CheckpointError naming the first parameter whose saved shape differs from the model's."""
+        saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "params")
+        saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+        saved_shapes = {_path_name(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        for k, v in jax.tree_util.tree_flatten_with_path(params)[0]:
+            name = _path_name(k)
+            if saved_shapes.get(name, tuple(v.shape)) != tuple(v.shape):
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} does not fit the model: {name} has shape "
+                    f"{saved_shapes[name]} there but {tuple(v.shape)} in the config. Use the run's original model "
+                    "settings, or a new run_dir.")
+            if name not in saved_shapes:
+                raise CheckpointError(f"checkpoint {self.directory / str(step)} has no tensor {name} that the model "
+                                      "needs; use the run's original model settings, or a new run_dir.")
+
     def restore_latest_valid(self, **targets) -> tuple[int, dict[str, Any]] | None:
         """The newest checkpoint that restores cleanly (older ones are tried when a newer one is corrupt)."""
         failures = []
         for step in reversed(self.steps()):
             try:
+                self.check_shapes(step, targets["params"])  # a mismatch is the config's fault, not corruption
                 restored = self.restore(step, **targets)
+            except CheckpointError:
+                raise
             except Exception as e:  # a corrupt checkpoint shows up as any of orbax/tensorstore/json errors
                 failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 log.warning("checkpoint %s/%d is unreadable (%s); trying an older one",

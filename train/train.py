@@ -168,8 +168,9 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, labels, is_moe: bool):
                      "opt_state": keep(opt_state, state["opt_state"]), "variables": keep(new_variables, variables)}
 
         lr = schedule(state["step"])
+        per_layer = aux["max_attn_logit"].max(-1)  # the signal MuonClip acts on
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite,
-                   "max_attn_logit": aux["max_attn_logit"].max()}
+                   "max_attn_logit": per_layer.max(), "max_attn_logit_per_layer": per_layer}
         for group in ("muon", "adam"):  # update RMS per label group, relative to the LR (Moonlight: ≈ 0.2 each)
             leaves = [u for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(labels)) if g == group]
             if leaves:
@@ -234,8 +235,8 @@ class MetricsWriter:
         self.file.flush()
         if self.tb:
             for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+                for name, x in ([(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
+                    self.tb.add_scalar(name, x, step)
 
     def close(self) -> None:
         if self.enabled:
@@ -397,7 +398,8 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
             row = {"loss": float(np.mean([f["loss"] for f in fetched])), "lr": float(m["lr"]),
                    "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
                    "mfu": tokens_per_s * flops_token / peak, "skipped_steps": skipped,
-                   **{k: float(v) for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "finite")}}
+                   **{k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+                      for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "finite")}}
             losses.append((step, row["loss"]))
             if step % cfg.log.eval_every == 0 or step == cfg.steps:
                 last_val = row["val_loss"] = evaluate()
