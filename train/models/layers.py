@@ -114,6 +114,18 @@ def attention(q, k, v, segment_ids, scale, with_max_logit):
     return out, logits.max(axis=(0, 3, 4)).reshape(n)
 
 
+def cached_attention(q, k_cache, v_cache, index, scale):
+    """Attention of new queries over a fixed-size KV cache (the decode path of generation).
+
+    q [B, T, N, D] holds the queries of positions index .. index + T - 1; k_cache / v_cache [B, S, K, D] already
+    contain their keys/values. Query t sees cache slots <= index + t, so slots past the written prefix (stale or
+    padding) are never attended, and one compiled step serves every position of a cache of size S.
+    """
+    t, s = q.shape[1], k_cache.shape[1]
+    mask = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask[None, None], scale=scale)
+
+
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -182,9 +194,7 @@ class CausalLM(nnx.Module):
             x, layer_aux = run_stack(stack, x, self.config.remat, segment_ids=segment_ids, rope=rope,
                                      with_aux=return_aux)
             aux.append(layer_aux)
-        x = self.norm(x)
-        head = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)  # f32 even for bf16
+        logits = self.output_logits(x)
         if not return_aux:
             return logits
         merged = {"max_attn_logit": jnp.concatenate([a["max_attn_logit"] for a in aux])}
@@ -193,3 +203,9 @@ class CausalLM(nnx.Module):
             if parts:
                 merged[key] = jnp.concatenate(parts)
         return logits, merged
+
+    def output_logits(self, x):
+        """Final norm and output projection: hidden [B, T, D] -> logits [B, T, vocab] float32 (even for bf16)."""
+        x = self.norm(x)
+        head = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
