@@ -69,6 +69,17 @@ def test_sharded_run_matches_single_device(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in single], rtol=2e-4)
 
 
+def test_muon_clip_caps_the_attention_logits(tmp_path):
+    tau = 0.3
+    _, rows = run(tmp_path, "clip", "steps=12", "log.every=1", "log.eval_every=1000", "muon_clip.enabled=true",
+                  f"muon_clip.tau={tau}", "optimizer.learning_rate=0.05")
+    assert max(r["max_attn_logit"] for r in rows) > tau  # the setup needs clipping
+    # each step's clip bounds the logits the next step measures (up to the drift of one update)
+    assert all(r["max_attn_logit_after_clip"] <= tau * (1 + 1e-6) for r in rows)
+    assert all(len(r["max_attn_logit_per_layer"]) == 2 for r in rows)
+    assert max(r["max_attn_logit"] for r in rows[-4:]) < 1.5 * tau
+
+
 def test_moe_config_trains(tmp_path):
     moe = ["model.hidden_size=64", "model.moe_intermediate_size=32", "model.intermediate_size=128",
            "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",

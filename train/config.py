@@ -86,6 +86,13 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MuonClipConfig:
+    """QK-clip (Kimi K2): after each step, rescale W_q/W_k of every head whose max logit exceeded `tau`."""
+    enabled: bool = False
+    tau: float = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/tiny"
     steps: int = 1000
@@ -102,6 +109,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    muon_clip: MuonClipConfig = MuonClipConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ from train.config import MESH_AXES, Config, ConfigError
 from train.mfu import flops_per_token, peak_flops
 from train.models import build_model, config_from_dict, param_counts, update_balancing_bias
 from train.models.sharding import auto_mesh
+from train.muon_clip import qk_clip_params, qk_clip_stats
 
 log = logging.getLogger("train")
 BATCH_AXES = ("data", "fsdp")
@@ -123,8 +124,9 @@ def cross_entropy(logits, targets, mask, z_loss: float):
     return loss, z_loss * (jnp.square(logz) * mask).sum() / denom
 
 
-def make_train_step(cfg: Config, graphdef, tx, schedule, labels, is_moe: bool):
+def make_train_step(cfg: Config, graphdef, tx, schedule, labels, model_cfg):
     accum, z_loss = cfg.grad_accum, cfg.optimizer.z_loss
+    is_moe = bool(getattr(model_cfg, "n_routed_experts", 0)) and model_cfg.num_moe_layers > 0
 
     def loss_fn(params, variables, batch):
         model = nnx.merge(graphdef, params, variables)
@@ -156,6 +158,10 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, labels, is_moe: bool):
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        clip_metrics = {}
+        if cfg.muon_clip.enabled:
+            new_params = qk_clip_params(new_params, aux["max_attn_logit"], tau=cfg.muon_clip.tau, config=model_cfg)
+            clip_metrics = qk_clip_stats(aux["max_attn_logit"], cfg.muon_clip.tau)
         new_variables = variables
         if is_moe:
             model = nnx.merge(graphdef, new_params, variables)
@@ -169,8 +175,10 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, labels, is_moe: bool):
 
         lr = schedule(state["step"])
         per_layer = aux["max_attn_logit"].max(-1)  # the signal MuonClip acts on
+        if cfg.muon_clip.enabled:
+            clip_metrics["max_attn_logit_per_layer_after_clip"] = jnp.minimum(per_layer, cfg.muon_clip.tau)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite,
-                   "max_attn_logit": per_layer.max(), "max_attn_logit_per_layer": per_layer}
+                   "max_attn_logit": per_layer.max(), "max_attn_logit_per_layer": per_layer, **clip_metrics}
         for group in ("muon", "adam"):  # update RMS per label group, relative to the LR (Moonlight: ≈ 0.2 each)
             leaves = [u for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(labels)) if g == group]
             if leaves:
@@ -304,7 +312,6 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
     model = build_model(model_cfg, rngs=nnx.Rngs(params=cfg.seed), mesh=mesh)
     graphdef, params, variables = nnx.split(model, nnx.Param, ...)
     del model
-    is_moe = bool(getattr(model_cfg, "n_routed_experts", 0)) and model_cfg.num_moe_layers > 0
     schedule = make_schedule(cfg)
     tx = make_optimizer(cfg, schedule, mesh)
     labels = muon_jax.default_labels(params)
@@ -326,7 +333,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
         log.info("resumed from %s at step %d", ckpt.directory, start)
 
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, labels, is_moe),
+    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, labels, model_cfg),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
     eval_fn = make_eval_step(cfg, graphdef)
     tokens_per_step = cfg.global_batch * cfg.seq_len
