@@ -6,137 +6,232 @@ import lzma
 import numpy as np
 import pytest
 
-from train.data import (ByteTokenizer, Corpus, DataConfig, DataError, TiktokenTokenizer, iterator_state,
-                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack_window,
+from train import data
+from train.data import (BUNDLED, ByteTokenizer, Corpus, DataConfig, DataError, TiktokenTokenizer, iterator_state,
+                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, read_documents,
                         restore_iterator, split_documents, unigram_entropy)
 
-EOS = 9
-
-
-def test_pack_window_segments_positions_and_mask():
-    window = np.array([1, 2, EOS, 3, 4, 5, EOS, 6, 7])  # seq_len 8
-    ex = pack_window(window, EOS)
-    np.testing.assert_array_equal(ex["inputs"], window[:-1])
-    np.testing.assert_array_equal(ex["targets"], window[1:])
-    # eos ends its document; the next token starts a new segment whose positions restart at 0
-    np.testing.assert_array_equal(ex["segment_ids"], [1, 1, 1, 2, 2, 2, 2, 3])
-    np.testing.assert_array_equal(ex["positions"], [0, 1, 2, 0, 1, 2, 3, 0])
-    # predicting eos is learned; predicting the next document's first token from eos is not
-    np.testing.assert_array_equal(ex["loss_mask"], [1, 1, 0, 1, 1, 1, 0, 1])
-
-
-def toy_corpus(n_tokens=1000):
-    stream = np.arange(n_tokens, dtype=np.int32) % 50
-    return Corpus(ByteTokenizer(), stream, stream[:300])
+EOS = ByteTokenizer.eos_id
+KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def take(it, n):
     return [next(it) for _ in range(n)]
 
 
-def test_iterator_shapes_determinism_and_epochs():
-    corpus = toy_corpus()
-    a = take(make_train_iterator(corpus, seq_len=16, global_batch=4, seed=1), 40)
-    b = take(make_train_iterator(corpus, seq_len=16, global_batch=4, seed=1), 40)
-    c = take(make_train_iterator(corpus, seq_len=16, global_batch=4, seed=2), 40)
-    assert a[0]["inputs"].shape == (4, 16) and a[0]["loss_mask"].dtype == np.float32
-    assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
-    assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c))
-    # 62 windows → 15 batches per epoch; every window once per epoch, epochs in different orders
-    starts = [int(row[0]) for batch in a for row in batch["inputs"]]
-    first, second = starts[:62], starts[62:124]
-    assert sorted(first) == sorted(second) and first != second
-    for batch in a:  # targets are the inputs shifted by one within the stream
-        np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+def assert_batches_equal(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert set(x) == set(KEYS)
+        for k in KEYS:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_resume_from_state_continues_exactly():
-    corpus = toy_corpus()
-    it = make_train_iterator(corpus, seq_len=16, global_batch=4, seed=0)
-    take(it, 7)
-    state = json.loads(json.dumps(iterator_state(it)))
-    expected = take(it, 5)
-    fresh = make_train_iterator(corpus, seq_len=16, global_batch=4, seed=0)
+def test_pack_segments_positions_and_mask():
+    windows = np.array([[1, 2, EOS, 3, 4, 5, EOS, 6, 7],       # two document ends inside the window
+                        [EOS, 8, 9, 10, 11, 12, 13, 14, 15]])  # starts on the previous document's eos
+    ex = pack(windows, EOS)
+    np.testing.assert_array_equal(ex["inputs"], windows[:, :-1])
+    np.testing.assert_array_equal(ex["targets"], windows[:, 1:])
+    np.testing.assert_array_equal(ex["segment_ids"], [[1, 1, 1, 2, 2, 2, 2, 3], [1, 2, 2, 2, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(ex["positions"], [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]])
+    # predicting eos is trained; predicting the next document's first token from eos is not
+    np.testing.assert_array_equal(ex["loss_mask"], [[1, 1, 0, 1, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1, 1]])
+    assert {k: v.dtype for k, v in ex.items()} == {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32,
+                                                   "positions": np.int32, "loss_mask": np.float32}
+
+
+SEQ, N_WINDOWS = 8, 30
+
+
+def toy_corpus():
+    """Tokens 0..240 with no eos: window i is exactly [8i, 8i + 8], so its first input names it."""
+    stream = np.arange(SEQ * N_WINDOWS + 1, dtype=np.int32)
+    return Corpus(ByteTokenizer(), stream, stream[:100])
+
+
+def window_ids(batches):
+    return [int(row[0]) // SEQ for b in batches for row in b["inputs"]]
+
+
+def test_windows_cover_each_epoch_in_a_new_order():
+    batches = take(make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=4, seed=1), 30)  # 4 epochs
+    for b in batches:
+        assert b["inputs"].shape == (4, SEQ)
+        np.testing.assert_array_equal(b["targets"], b["inputs"] + 1)  # targets are inputs shifted by one
+        np.testing.assert_array_equal(b["inputs"], b["inputs"][:, :1] + np.arange(SEQ))  # contiguous windows
+        assert (b["segment_ids"] == 1).all() and (b["loss_mask"] == 1).all()
+    ids = window_ids(batches)
+    epochs = [ids[e * N_WINDOWS:(e + 1) * N_WINDOWS] for e in range(4)]
+    assert all(sorted(e) == list(range(N_WINDOWS)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4 and epochs[0] != list(range(N_WINDOWS))
+    ordered = take(make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=4, seed=1, shuffle=False), 8)
+    assert window_ids(ordered) == list(range(N_WINDOWS)) + [0, 1]
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+    def stream(seed):
+        return window_ids(take(make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=4, seed=seed), 15))
+    assert stream(0) == stream(0)
+    assert stream(0) != stream(1)
+    # grain seeds epoch e with seed + e; seed 1's first epoch must not be seed 0's second
+    assert stream(1)[:N_WINDOWS] != stream(0)[N_WINDOWS:2 * N_WINDOWS]
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_resume_from_saved_state_continues_exactly(worker_count):
+    def make(workers=0):
+        return make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=4, seed=0, worker_count=workers)
+    it = make(worker_count)
+    take(it, 9)  # past the first epoch boundary (7.5 batches)
+    state = json.loads(json.dumps(iterator_state(it)))  # as stored in a checkpoint
+    expected = take(it, 11)
+    fresh = make()  # the state is a batch counter: it does not depend on the thread count
     restore_iterator(fresh, state)
-    for x, y in zip(take(fresh, 5), expected):
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+    assert_batches_equal(take(fresh, 11), expected)
+    assert_batches_equal(take(make(worker_count), 20)[9:], expected)
 
 
-def test_processes_split_the_global_batch():
-    corpus = toy_corpus()
-    whole = take(make_train_iterator(corpus, seq_len=16, global_batch=4, seed=0), 3)
-    parts = [take(make_train_iterator(corpus, seq_len=16, global_batch=4, seed=0, process_index=p,
-                                      process_count=2), 3) for p in range(2)]
-    for i in range(3):
-        np.testing.assert_array_equal(np.concatenate([parts[0][i]["inputs"], parts[1][i]["inputs"]]),
-                                      whole[i]["inputs"])
+def test_processes_together_see_the_one_process_batch():
+    whole = take(make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=4, seed=3), 10)
+    parts = [take(make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=4, seed=3, process_index=p,
+                                      process_count=2), 10) for p in range(2)]
+    for i in range(10):
+        assert parts[0][i]["inputs"].shape == (2, SEQ)
+        for k in KEYS:
+            np.testing.assert_array_equal(np.concatenate([parts[0][i][k], parts[1][i][k]]), whole[i][k])
+    with pytest.raises(DataError, match="split evenly"):
+        make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=4, seed=0, process_count=3)
 
 
-def test_val_batches_and_entropy():
-    batches = make_val_batches(toy_corpus(), seq_len=16, batch_size=2, max_batches=100)
-    assert len(batches) == 299 // 16 // 2
-    starts = [int(r[0]) for b in batches for r in b["inputs"]]
-    assert starts == [(16 * i) % 50 for i in range(len(starts))]  # consecutive, non-overlapping windows
-    with pytest.raises(DataError, match="validation split"):
-        make_val_batches(toy_corpus(), seq_len=256, batch_size=4)
+def test_val_batches_are_consecutive_windows():
+    batches = make_val_batches(toy_corpus(), seq_len=SEQ, batch_size=3)
+    assert len(batches) == 99 // SEQ // 3  # 12 windows in 100 tokens → 4 batches
+    assert window_ids(batches) == list(range(12))
+    assert len(make_val_batches(toy_corpus(), seq_len=SEQ, batch_size=3, max_batches=2)) == 2
+    with pytest.raises(DataError, match=r"one batch of 4 x 32 needs 129"):
+        make_val_batches(toy_corpus(), seq_len=32, batch_size=4)
+
+
+def test_unigram_entropy():
     assert unigram_entropy(np.array([0, 1, 2, 3] * 10), 8) == pytest.approx(np.log(4))
+    assert unigram_entropy(np.array([5] * 7), 8) == 0.0
 
 
 def test_byte_and_gpt2_tokenizers():
     byte = ByteTokenizer()
-    assert byte.decode(byte.encode("héllo, wörld")) == "héllo, wörld"
+    assert byte.encode("hé") == [104, 195, 169]
+    assert byte.decode(byte.encode("héllo, wörld ✓")) == "héllo, wörld ✓"
     gpt2 = TiktokenTokenizer()
+    assert (gpt2.vocab_size, gpt2.eos_id) == (50257, 50256)
     assert gpt2.encode("Hello world") == [15496, 995]  # GPT-2's published ids
+    assert gpt2.encode(" Hello world!") == [18435, 995, 0]
     assert gpt2.decode(gpt2.encode(" Muon is scalable")) == " Muon is scalable"
 
 
-def test_bpe_is_trained_once_and_cached(tmp_path):
-    src = tmp_path / "a.txt"
-    src.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    cfg = DataConfig(source=str(src), tokenizer="bpe", vocab_size=300)
-    tok = load_tokenizer(cfg, tmp_path / "cache")
-    cached = list((tmp_path / "cache").glob("bpe-*.json"))
-    assert len(cached) == 1 and tok.vocab_size <= 300
-    assert tok.decode(tok.encode("the lazy fox")) == "the lazy fox"
-    assert len(tok.encode("the quick brown fox")) < len("the quick brown fox") / 2
-    mtime = cached[0].stat().st_mtime_ns
-    load_tokenizer(cfg, tmp_path / "cache")
-    assert cached[0].stat().st_mtime_ns == mtime
+@pytest.fixture(scope="module")
+def shakespeare_50k(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "s.txt"
+    path.write_text(BUNDLED["tinyshakespeare"].read_text()[:50_000])
+    return path
+
+
+def test_bpe_is_trained_once_then_cached(shakespeare_50k, tmp_path, monkeypatch):
+    cfg = DataConfig(source=str(shakespeare_50k), tokenizer="bpe", vocab_size=300)
+    corpus = load_corpus(cfg, tmp_path)
+    tok = corpus.tokenizer
+    assert tok.vocab_size == 300 and tok.eos_id < 300 and corpus.train.max() < 300
+    assert tok.decode(tok.encode("Wherefore art thou? ünïcode")) == "Wherefore art thou? ünïcode"
+    assert len(corpus.train) < 0.8 * 0.95 * 50_000  # even 43 merges save a fifth of the bytes
+    assert len(list(tmp_path.glob("bpe-*.json"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed instead of loaded from the cache")
+    monkeypatch.setattr(data, "train_bpe", fail)
+    monkeypatch.setattr(data, "_tokenize", fail)
+    again = load_corpus(cfg, tmp_path)
+    np.testing.assert_array_equal(again.train, corpus.train)
+    np.testing.assert_array_equal(again.val, corpus.val)
+    assert load_tokenizer(cfg, tmp_path).encode("thou art") == tok.encode("thou art")
+    with pytest.raises(AssertionError, match="recomputed"):  # another vocabulary is another tokenizer
+        load_tokenizer(DataConfig(source=str(shakespeare_50k), vocab_size=320), tmp_path)
+
+
+def test_single_text_holds_out_its_tail_at_a_line_boundary(tmp_path):
+    lines = [f"line {i} of the only document" for i in range(200)]
+    with gzip.open(tmp_path / "one.txt.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    corpus = load_corpus(DataConfig(source=str(tmp_path / "one.txt.gz"), tokenizer="byte", val_fraction=0.1),
+                         tmp_path / "cache")
+    assert corpus.train[-1] == EOS and corpus.val[-1] == EOS
+    train, val = ByteTokenizer().decode(corpus.train), ByteTokenizer().decode(corpus.val)
+    assert train + val == "\n".join(lines) + "\n"
+    assert train.endswith("\n") and val.startswith("line 18")  # ~10 % of 200 lines, cut between lines
 
 
 @pytest.mark.parametrize("suffix, opener", [(".jsonl", open), (".jsonl.xz", lzma.open), (".jsonl.gz", gzip.open)])
 def test_jsonl_sources_hold_out_whole_documents(tmp_path, suffix, opener):
-    docs = [f"document number {i} " + "word " * (i % 7 + 3) for i in range(40)]
+    docs = [f"<document {i}> " + "word " * (i % 7 + 3) for i in range(40)]
     with opener(tmp_path / f"d{suffix}", "wt") as f:
         for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    corpus = load_corpus(DataConfig(source=str(tmp_path / f"d{suffix}"), tokenizer="byte", val_fraction=0.1),
+            f.write(json.dumps({"body": d, "id": 0}) + "\n")
+    corpus = load_corpus(DataConfig(source=str(tmp_path / f"d{suffix}"), text_field="body", tokenizer="byte",
+                                    val_fraction=0.1), tmp_path / "cache")
+    split = {name: ByteTokenizer().decode(getattr(corpus, name)) for name in ("train", "val")}
+    held = [d for d in docs if d in split["val"]]
+    assert len(held) == 4 and not any(d in split["train"] for d in held)
+    assert sum(d in split["train"] for d in docs) == 36
+    assert (corpus.train == EOS).sum() == 36 and (corpus.val == EOS).sum() == 4  # one eos per document
+
+
+def test_npy_token_source_holds_out_whole_documents(tmp_path):
+    docs = [np.arange(1, 10 + i) for i in range(20)]
+    np.save(tmp_path / "t.npy", np.concatenate([np.append(d, EOS) for d in docs]).astype(np.int64))
+    corpus = load_corpus(DataConfig(source=str(tmp_path / "t.npy"), tokenizer="byte", val_fraction=0.2),
                          tmp_path / "cache")
-    text_train = bytes(t for t in corpus.train if t < 256).decode()
-    text_val = bytes(t for t in corpus.val if t < 256).decode()
-    held = [d for d in docs if d in text_val]
-    assert len(held) == 4 and all(d not in text_train for d in held)
-    assert sum(d in text_train for d in docs) == 36
+    assert corpus.train.dtype == np.int32 and corpus.train[-1] == EOS and corpus.val[-1] == EOS
+    assert len(corpus.train) + len(corpus.val) == sum(len(d) + 1 for d in docs)
+    # the cut moves back to the last eos before 80 %, so val is 20 % plus at most one document
+    assert 0.2 <= len(corpus.val) / (len(corpus.train) + len(corpus.val)) < 0.2 + 29 / 390
+    with pytest.raises(DataError, match="pre-tokenized"):
+        load_corpus(DataConfig(source=str(tmp_path / "t.npy"), tokenizer="bpe"), tmp_path / "cache")
 
 
-def test_bundled_medium_split_is_disjoint():
-    from train.data import BUNDLED, read_documents
+def test_bundled_medium_holds_out_whole_documents_of_every_source():
+    with lzma.open(BUNDLED["medium"], "rt") as f:
+        records = [json.loads(line) for line in f]
+    assert {r["source"] for r in records} == {"shakespeare_complete", "state_union", "inaugural", "movie_reviews"}
     docs = read_documents(BUNDLED["medium"], DataConfig(source="medium"))
+    assert docs == [r["text"] for r in records] and len(docs) > 1000
     train, val = split_documents(docs, 0.05)
-    assert len(docs) > 1000 and len(val) == round(0.05 * len(docs)) and not set(train) & set(val)
+    assert len(val) == round(0.05 * len(docs)) and len(train) + len(val) == len(docs)
+    assert not set(train) & set(val)
+    val_sources = {r["source"] for r in records if r["text"] in set(val)}
+    assert len(val_sources) == 4, val_sources
+
+
+def test_bundled_tinyshakespeare_is_the_default():
+    cfg = DataConfig()
+    assert (cfg.source, cfg.tokenizer, cfg.vocab_size) == ("tinyshakespeare", "bpe", 4096)
+    (doc,) = read_documents(BUNDLED["tinyshakespeare"], cfg)
+    assert doc.startswith("First Citizen:") and len(doc) == 1_115_394
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="missing.txt.*no such file"):
         load_corpus(DataConfig(source=str(tmp_path / "missing.txt"), tokenizer="byte"), tmp_path)
-    (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(DataError, match="holds no text"):
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="empty.txt.*holds no text"):
         load_corpus(DataConfig(source=str(tmp_path / "empty.txt"), tokenizer="byte"), tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):
         load_corpus(DataConfig(source=str(tmp_path / "bad.jsonl"), tokenizer="byte"), tmp_path)
+    with pytest.raises(DataError, match="nope.json.*not 'byte'"):
+        load_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope.json")), tmp_path)
     with pytest.raises(ValueError, match="did you mean 'tokenizer'"):
         DataConfig.from_dict({"tokeniser": "byte"})
+    with pytest.raises(ValueError, match="val_fraction"):
+        DataConfig.from_dict({"val_fraction": 0})
+    assert DataConfig.from_dict({"source": "medium", "tokenizer": "gpt2"}) == DataConfig("medium", tokenizer="gpt2")
     with pytest.raises(DataError, match="fewer than one global batch"):
-        make_train_iterator(toy_corpus(100), seq_len=16, global_batch=8, seed=0)
+        make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=64, seed=0)
