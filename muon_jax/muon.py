@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from muon_jax.distributed import NsAxis
 from muon_jax.newton_schulz import CoeffsSpec
 from muon_jax.transforms import MatrixAxes, orthogonalize, scale_by_momentum, scale_by_shape
 
@@ -63,6 +64,9 @@ def muon(
     labels: Any = None,
     matrix_axes: MatrixAxes = None,
     mu_dtype: Optional[Any] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    ns_axis: NsAxis = None,
+    ns_mode: str = "balanced",
 ) -> optax.GradientTransformation:
     r"""Muon as in Moonlight (Liu et al. 2025, *Muon is Scalable for LLM Training*, arXiv 2502.16982).
 
@@ -97,6 +101,13 @@ def muon(
         ``"adam"`` per leaf.
       matrix_axes: which two axes of each leaf form the matrix (default: the last two).
       mu_dtype: dtype of the momentum buffers (both branches).
+      mesh: the ``jax.sharding.Mesh`` the parameters are sharded on (``NamedSharding``); None keeps
+        single-device semantics. With a mesh, Newton–Schulz is distributed over ``ns_axis``.
+      ns_axis: a mesh axis name or tuple of names (typically the data/FSDP axes) across which the NS
+        work is spread; default all axes of ``mesh``.
+      ns_mode: ``"balanced"`` (each matrix orthogonalised whole by exactly one device, via an
+        all-to-all out and back) or ``"gather"`` (Moonlight's distributed Muon: every device gathers
+        and orthogonalises the full matrices); see :mod:`muon_jax.distributed`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -108,7 +119,7 @@ def muon(
     muon_tx = optax.chain(
         scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
         orthogonalize(steps=ns_steps, coeffs=ns_coeffs, eps=ns_eps, dtype=ns_dtype,
-                      matrix_axes=matrix_axes),
+                      matrix_axes=matrix_axes, mesh=mesh, ns_axis=ns_axis, ns_mode=ns_mode),
         scale_by_shape(lr_scale, matrix_axes=matrix_axes),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

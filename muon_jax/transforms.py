@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from muon_jax.distributed import NsAxis, orthogonalize_sharded, resolve_ns_axes
 from muon_jax.newton_schulz import CoeffsSpec, newton_schulz_iterate, resolve_coeffs
 
 MatrixAxes = Union[None, Any, Callable[[Any], Any]]
@@ -82,9 +83,14 @@ def scale_by_momentum(
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
+    def zeros_sharded_like(p):
+        # p·0 (params are finite), not zeros_like: under jit (jax.jit(tx.init)) a constant has no
+        # layout of its own, XLA merges the zeros of same-shape leaves into one array, and the buffers
+        # would end up replicated or on one device instead of sharded like their parameters.
+        return (p * 0).astype(mu_dtype or p.dtype)
+
     def init_fn(params):
-        return ScaleByMomentumState(
-            mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params))
+        return ScaleByMomentumState(mu=jax.tree.map(zeros_sharded_like, params))
 
     def update_fn(updates, state, params=None):
         del params
@@ -103,26 +109,54 @@ def orthogonalize(
     eps: float = 1e-7,
     dtype: Any = jnp.dtype(jnp.bfloat16),
     matrix_axes: MatrixAxes = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    ns_axis: NsAxis = None,
+    ns_mode: str = "balanced",
 ) -> optax.GradientTransformation:
     r"""Replaces each matrix ``M`` of the updates by ``NS(M) ≈ U Vᵀ`` (``M = U S Vᵀ``).
 
     Stateless. Runs :func:`muon_jax.newton_schulz` over the matrix axes of every leaf, all other axes
     being independent matrices. The result has the update's dtype.
 
+    With a ``mesh`` the updates are taken to be sharded on it (``NamedSharding``, inside a jitted
+    step) and the NS work is distributed over the mesh axes ``ns_axis`` (default: all), either by
+    gathering each matrix everywhere (``ns_mode="gather"``, Moonlight's distributed Muon) or by
+    giving each matrix to exactly one device (``"balanced"``); see :mod:`muon_jax.distributed`.
+
     Args:
       steps, coeffs, eps, dtype: as in :func:`muon_jax.newton_schulz`.
       matrix_axes: which two axes form the matrix; see the module docstring.
+      mesh: the ``jax.sharding.Mesh`` the updates are sharded on; None: single-device semantics.
+      ns_axis: a mesh axis name or a tuple of names to spread NS over.
+      ns_mode: one of :data:`muon_jax.NS_MODES`.
     """
     resolve_coeffs(coeffs, 1)  # fail at construction on an unknown name
+    ns_axes = resolve_ns_axes(mesh, ns_axis, ns_mode)
+
+    def ns(m):
+        return newton_schulz_iterate(m, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype)
 
     def orthogonalize_leaf(x, axes):
-        m = jnp.moveaxis(x, axes, (-2, -1))
-        o = newton_schulz_iterate(m, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype)
-        return jnp.moveaxis(o, (-2, -1), axes)
+        return jnp.moveaxis(ns(jnp.moveaxis(x, axes, (-2, -1))), (-2, -1), axes)
+
+    def orthogonalize_all(updates, params):
+        # Distributed NS batches matrices across leaves, so it needs every leaf at once: collect them
+        # (matrix axes last) in map_matrices' order, then put the results back in the same order.
+        def matrices(tree):
+            mats = []
+            map_matrices(lambda x, axes: mats.append(jnp.moveaxis(x, axes, (-2, -1))), tree, matrix_axes)
+            return mats
+
+        results = iter(orthogonalize_sharded(
+            matrices(updates), ns, mesh=mesh, ns_axes=ns_axes, ns_mode=ns_mode,
+            anchors=None if params is None else matrices(params)))
+        return map_matrices(
+            lambda x, axes: jnp.moveaxis(next(results), (-2, -1), axes), updates, matrix_axes)
 
     def update_fn(updates, state, params=None):
-        del params
-        return map_matrices(orthogonalize_leaf, updates, matrix_axes), state
+        if mesh is None:
+            return map_matrices(orthogonalize_leaf, updates, matrix_axes), state
+        return orthogonalize_all(updates, params), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 

@@ -1,0 +1,182 @@
+"""Distributed Newton–Schulz (muon_jax.distributed) on 8 simulated CPU devices: same numbers as one
+device, sharded state, the collectives each mode compiles to, and bad input."""
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+import muon_jax
+
+STEPS = 3
+COLLECTIVE = re.compile(
+    r"^\s*\S+ = .*? (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(",
+    re.M)
+
+
+def auto_mesh(shape, names):
+    devices = np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape)
+    return Mesh(devices, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+# name -> (mesh shape, axis names, ns_axis, {leaf: (shape, spec)}). A stack of 5 layers does not
+# divide 8, shapes are odd, experts are 4-D, same-shape 2-D leaves are sharded differently, one stack
+# is sharded on its layer axis, on the (2, 4) mesh leaves are sharded on either axis or both, and a
+# data × fsdp × expert × tensor mesh shards experts over "expert" and matrices over fsdp and tensor.
+CASES = {
+    "fsdp8": ((8,), ("fsdp",), "fsdp", {
+        "stack": ((5, 24, 40), P(None, "fsdp", None)),
+        "tall": ((2, 40, 17), P(None, "fsdp", None)),
+        "experts": ((2, 3, 16, 24), P(None, None, None, "fsdp")),
+        "wq": ((16, 24), P("fsdp", None)),
+        "wo": ((16, 24), P(None, "fsdp")),
+        "layer_sharded": ((8, 12, 20), P("fsdp", None, None)),
+        "embed": ((40, 16), P("fsdp", None)),
+    }),
+    "data2_fsdp4": ((2, 4), ("data", "fsdp"), ("data", "fsdp"), {
+        "stack": ((3, 24, 40), P(None, "fsdp", "data")),
+        "experts": ((3, 2, 20, 16), P(None, "data", None, "fsdp")),
+        "w1": ((16, 8), P(("data", "fsdp"), None)),
+        "w2": ((16, 8), None),
+        "norm": ((3, 24), P(None, "fsdp")),
+    }),
+    "fsdp_expert_tensor": ((1, 2, 2, 2), ("data", "fsdp", "expert", "tensor"), ("data", "fsdp"), {
+        "experts": ((2, 4, 16, 24), P(None, "expert", "fsdp", "tensor")),
+        "stack": ((3, 16, 24), P(None, "fsdp", "tensor")),
+    }),
+    "data2_fsdp4_ns_fsdp": ((2, 4), ("data", "fsdp"), "fsdp", {
+        "stack": ((6, 16, 28), P(None, "fsdp", "data")),
+        "w": ((20, 12), P("data", "fsdp")),
+    }),
+}
+
+
+def build(case):
+    mesh_shape, names, ns_axis, leaves = CASES[case]
+    mesh = auto_mesh(mesh_shape, names)
+    shapes = {k: s for k, (s, _) in leaves.items()}
+    params = {k: jax.random.normal(jax.random.key(i), s) for i, (k, s) in enumerate(shapes.items())}
+    shardings = {k: NamedSharding(mesh, spec or P()) for k, (_, spec) in leaves.items()}
+    grads = [{k: jax.random.normal(jax.random.key(100 * (t + 1) + i), s)
+              for i, (k, s) in enumerate(shapes.items())} for t in range(STEPS)]
+    return mesh, ns_axis, params, shardings, grads
+
+
+def train_step(tx):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates
+    return step
+
+
+def run_sharded(tx, params, shardings, grads):
+    """Steps a jitted train step as a trainer does: state from a jitted init, shardings kept."""
+    params = jax.device_put(params, shardings)
+    state = jax.jit(tx.init)(params)
+    # The Muon momentum comes out of a jitted init sharded like the parameters, not replicated.
+    for k, m in state.inner_states["muon"].inner_state[0].mu.items():
+        if not isinstance(m, optax.MaskedNode):
+            assert m.sharding.is_equivalent_to(shardings[k], m.ndim), (k, m.sharding)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = jax.jit(train_step(tx), out_shardings=(shardings, state_shardings, shardings))
+    step = step.lower(params, state, params).compile()
+    updates = []
+    for g in grads:
+        params, state, u = step(params, state, jax.device_put(g, shardings))
+        updates.append(u)
+    return params, updates, step.as_text()
+
+
+@functools.cache
+def reference(case):
+    """Single-device parameters and updates of every step."""
+    _, _, params, _, grads = build(case)
+    tx = muon_jax.muon(0.02, ns_dtype=jnp.float32)
+    state, step, updates = tx.init(params), jax.jit(train_step(tx)), []
+    for g in grads:
+        params, state, u = step(params, state, g)
+        updates.append(u)
+    return params, updates
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("mode", muon_jax.NS_MODES)
+@pytest.mark.parametrize("case", CASES)
+def test_sharded_matches_single_device(case, mode):
+    mesh, ns_axis, params, shardings, grads = build(case)
+    tx = muon_jax.muon(0.02, ns_dtype=jnp.float32, mesh=mesh, ns_axis=ns_axis, ns_mode=mode)
+    new_params, updates, hlo = run_sharded(tx, params, shardings, grads)
+    ref_params, ref_updates = reference(case)
+    for t, (u, r) in enumerate(zip(updates, ref_updates)):
+        for k in r:
+            assert rel_err(u[k], r[k]) <= 1e-5, (t, k, rel_err(u[k], r[k]))
+    for k in ref_params:
+        assert rel_err(new_params[k], ref_params[k]) <= 1e-5, k
+
+    if mode == "gather":
+        assert "all-gather" in set(COLLECTIVE.findall(hlo))
+
+
+def test_balanced_fsdp_step_is_two_all_to_alls():
+    """The benchmark's layout in small: FSDP-sharded stacks (two of 4 layers batched into 8) compile
+    to all-to-alls only, moving two parameter shards per device: one out, one back."""
+    mesh = auto_mesh((8,), ("fsdp",))
+    shapes = {"wq": (8, 64, 64), "w_up": (4, 64, 192), "w_down": (4, 64, 192)}
+    sharding = NamedSharding(mesh, P(None, "fsdp", None))
+    params = {k: jax.device_put(jnp.ones(s), sharding) for k, s in shapes.items()}
+    shardings = {k: sharding for k in shapes}
+    tx = muon_jax.muon(0.02, ns_dtype=jnp.float32, mesh=mesh, ns_axis="fsdp")
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(train_step(tx), out_shardings=(shardings, jax.tree.map(lambda x: x.sharding, state), shardings))
+    hlo = step.lower(params, state, params).compile().as_text()
+    lines = [line for line in hlo.splitlines() if COLLECTIVE.match(line)]
+    assert lines and all(" all-to-all(" in line for line in lines), lines
+    moved = sum(np.prod([int(d) for d in dims.split(",")]) * 4
+                for line in lines for dims in re.findall(r"f32\[([\d,]+)\]", line.split(" all-to-all(")[0]))
+    shard = sum(np.prod(s) * 4 for s in shapes.values()) / 8
+    assert moved == 2 * shard, moved / shard
+
+
+def test_inject_hyperparams_and_explicit_mesh():
+    params = {"w": jax.random.normal(jax.random.key(1), (4, 16, 24)), "b": jnp.zeros(24)}
+    ref_tx = muon_jax.muon(0.1, ns_dtype=jnp.float32)
+    ref, _ = ref_tx.update(params, ref_tx.init(params), params)
+
+    mesh = auto_mesh((8,), ("fsdp",))
+    tx = optax.inject_hyperparams(muon_jax.muon, static_args=("mesh",))(
+        learning_rate=0.1, ns_dtype=jnp.dtype("float32"), mesh=mesh, ns_axis="fsdp")
+    sharded = jax.device_put(params, {"w": NamedSharding(mesh, P(None, "fsdp")), "b": NamedSharding(mesh, P())})
+    u, _ = jax.jit(tx.update)(sharded, jax.jit(tx.init)(sharded), sharded)
+    assert rel_err(u["w"], ref["w"]) <= 1e-5
+
+    explicit = Mesh(mesh.devices, ("fsdp",), axis_types=(AxisType.Explicit,))
+    tx = muon_jax.muon(0.1, ns_dtype=jnp.float32, mesh=explicit, ns_axis="fsdp")
+    with jax.set_mesh(explicit):
+        sharded = jax.device_put(params, {"w": NamedSharding(explicit, P(None, "fsdp")),
+                                          "b": NamedSharding(explicit, P())})
+        u, state = jax.jit(tx.update)(sharded, tx.init(sharded), sharded)
+    assert rel_err(u["w"], ref["w"]) <= 1e-5
+    assert u["w"].sharding.spec == P(None, "fsdp", None)
+
+
+def test_bad_input_errors():
+    mesh = auto_mesh((2, 4), ("data", "fsdp"))
+    assert muon_jax.NS_MODES == ("balanced", "gather")
+    with pytest.raises(ValueError, match=r"'tensor'.*\('data', 'fsdp'\)"):
+        muon_jax.muon(0.1, mesh=mesh, ns_axis="tensor")
+    with pytest.raises(ValueError, match=r"not in the mesh: \['expert'\]"):
+        muon_jax.muon(0.1, mesh=mesh, ns_axis=("fsdp", "expert"))
+    with pytest.raises(ValueError, match="Unknown ns_mode 'scatter'.*balanced"):
+        muon_jax.muon(0.1, mesh=mesh, ns_mode="scatter")
+    with pytest.raises(ValueError, match="Unknown ns_mode"):
+        muon_jax.muon(0.1, ns_mode="scatter")
+    with pytest.raises(ValueError, match="needs the mesh"):
+        muon_jax.muon(0.1, ns_axis="fsdp")
