@@ -1,6 +1,8 @@
 """The training loop, top to bottom: config → mesh → data → model → optimizer → (resume) → steps → eval → save.
 
-`train(cfg)` runs one job described by a `train.config.Config` and returns a summary dict. Everything a step
+`train(cfg)` runs one job described by a `train.config.Config` and returns a summary dict. What the run reads and
+starts from is a `RunInputs` (default: `pretraining_inputs`, the configured corpus and a random init); supervised
+fine-tuning (train/sft.py) runs the same loop with chat batches and a loaded model. Everything a step
 needs is one jitted, buffer-donating function `train_step(state, batch) -> (state, metrics)` over a plain dict
 state `{step, params, opt_state, variables}` (nnx `State`s split from the model: `params` are the `nnx.Param`s,
 `variables` the rest, e.g. the MoE balancing bias).
@@ -14,6 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,26 @@ BATCH_AXES = ("data", "fsdp")
 
 class NonFiniteLoss(RuntimeError):
     """Loss or gradient norm became NaN/Inf under nan_policy=halt (or too many consecutive skips)."""
+
+
+@dataclasses.dataclass
+class RunInputs:
+    """What one run trains on and starts from.
+
+    `train_iter` yields this process's rows of each global batch (dicts of [rows, seq_len] arrays: inputs, targets,
+    segment_ids, positions, loss_mask) and has grain's get_state/set_state, so resume is exact; `val_batches`
+    are whole micro-batches (every process's rows). `init_model(model_cfg, mesh)` returns the initial model with
+    its params laid out on the mesh (None: random init from cfg.seed); `sample(model)` is the text shown at the
+    end (None: a continuation of log.sample_prompt). `eval_at_start` adds the validation loss before the first
+    step to the summary (`initial_val_loss`)."""
+    tokenizer: data_lib.Tokenizer
+    train_iter: object
+    val_batches: list[dict]
+    description: str                     # the data part of the start-up line
+    summary: dict = dataclasses.field(default_factory=dict)  # merged into train()'s summary
+    init_model: Callable | None = None
+    sample: Callable | None = None
+    eval_at_start: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- setup pieces
@@ -108,7 +131,7 @@ def make_optimizer(cfg: Config, schedule, mesh) -> optax.GradientTransformation:
 def distributed_muon_args(cfg: Config, mesh) -> dict:
     """Spread Newton–Schulz over the batch (data/fsdp) axes when there is more than one device on them."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    if not axes or "NS_MODES" not in dir(muon_jax):
+    if not axes:
         return {}
     return {"mesh": mesh, "ns_axis": axes, "ns_mode": cfg.optimizer.ns_mode}
 
@@ -280,18 +303,32 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- train
 
-def train(cfg: Config, stop_after: int | None = None) -> dict:
+def pretraining_inputs(cfg: Config, mesh) -> RunInputs:
+    """The configured corpus, packed into windows (train/data.py), and a random init."""
+    corpus = data_lib.load_corpus(cfg.data, cache_dir(cfg))
+    train_iter = data_lib.make_train_iterator(
+        corpus, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed, shuffle=cfg.data.shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    val_batches = data_lib.make_val_batches(corpus, seq_len=cfg.seq_len, max_batches=cfg.log.eval_batches,
+                                            batch_size=cfg.global_batch // cfg.grad_accum)
+    entropy = data_lib.unigram_entropy(corpus.train, corpus.tokenizer.vocab_size)
+    return RunInputs(corpus.tokenizer, train_iter, val_batches,
+                     f"{len(corpus.train):,} train tokens, unigram entropy {entropy:.3f} nats",
+                     summary={"unigram_entropy": entropy})
+
+
+def train(cfg: Config, stop_after: int | None = None,
+          inputs: Callable[[Config, jax.sharding.Mesh], RunInputs] = pretraining_inputs) -> dict:
     """Run (or resume) the job described by `cfg`; returns a summary (final step, losses, timings).
 
     `stop_after`: leave after this many steps of this invocation, checkpointed, as a preempted job would (the
-    schedule still spans `cfg.steps`; run again to continue)."""
+    schedule still spans `cfg.steps`; run again to continue). `inputs(cfg, mesh)` makes the run's data and
+    initial model (`RunInputs`)."""
     run_dir = prepare_run_dir(cfg)
     mesh = make_mesh(cfg)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # data
-    corpus = data_lib.load_corpus(cfg.data, cache_dir(cfg))
-    tokenizer = corpus.tokenizer
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_batch = cfg.global_batch // cfg.grad_accum
     if micro_batch % dp or cfg.global_batch % jax.process_count():
@@ -299,25 +336,27 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
         near = sorted(valid, key=lambda b: abs(b - cfg.global_batch))[:2]
         raise ConfigError(f"global_batch={cfg.global_batch} / grad_accum={cfg.grad_accum} is not divisible by "
                           f"the data-parallel size {dp} (mesh data×fsdp); nearest valid global_batch: {sorted(near)}")
-    train_iter = data_lib.make_train_iterator(
-        corpus, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed, shuffle=cfg.data.shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    val_batches = [local_rows(b) for b in data_lib.make_val_batches(
-        corpus, seq_len=cfg.seq_len, batch_size=micro_batch, max_batches=cfg.log.eval_batches)]
-    entropy = data_lib.unigram_entropy(corpus.train, tokenizer.vocab_size)
+    run_inputs = inputs(cfg, mesh)
+    tokenizer, train_iter = run_inputs.tokenizer, run_inputs.train_iter
+    val_batches = [local_rows(b) for b in run_inputs.val_batches]
 
     # model + optimizer
     model_cfg = model_config_for(cfg, tokenizer)
     total_params, active_params = param_counts(model_cfg)
-    model = build_model(model_cfg, rngs=nnx.Rngs(params=cfg.seed), mesh=mesh)
+    if run_inputs.init_model is None:
+        model = build_model(model_cfg, rngs=nnx.Rngs(params=cfg.seed), mesh=mesh)
+    else:
+        model = run_inputs.init_model(model_cfg, mesh)
     graphdef, params, variables = nnx.split(model, nnx.Param, ...)
     del model
     schedule = make_schedule(cfg)
     tx = make_optimizer(cfg, schedule, mesh)
     labels = muon_jax.default_labels(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "variables": variables,
-             "opt_state": jax.jit(tx.init)(params)}
-    state["step"] = jax.device_put(state["step"], NamedSharding(mesh, P()))
+    # eager init: each buffer is created with its parameter's sharding (jax.jit(tx.init) may replicate them)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "variables": variables, "opt_state": tx.init(params)}
+    # scalars such as Adam's step count come out on the default device: replicate them over the mesh
+    replicated = NamedSharding(mesh, P())
+    state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # resume
@@ -342,9 +381,8 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
     writer = MetricsWriter(run_dir, cfg.log.tensorboard)
     if jax.process_index() == 0:
         print(f"model {model_cfg.model_type}: {total_params / 1e6:.2f}M params ({active_params / 1e6:.2f}M active), "
-              f"tokenizer {tokenizer.name} ({tokenizer.vocab_size}), {len(corpus.train):,} train tokens, "
-              f"unigram entropy {entropy:.3f} nats; optimizer {cfg.optimizer.name}; steps {start}→{cfg.steps}",
-              flush=True)
+              f"tokenizer {tokenizer.name} ({tokenizer.vocab_size}), {run_inputs.description}; "
+              f"optimizer {cfg.optimizer.name}; steps {start}→{cfg.steps}", flush=True)
 
     def evaluate() -> float:
         losses = [eval_fn(state["params"], state["variables"], global_batch_array(b, batch_sharding))
@@ -369,6 +407,12 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
         kept = f"checkpoint {ckpt.directory / str(older[-1])} is intact" if older else "no earlier checkpoint exists"
         return CheckpointError(f"saving the checkpoint of step {step} failed ({type(e).__name__}: {e}); {kept}. "
                                "Free disk space (or fix the error) and start again in the same run_dir to resume.")
+
+    initial_val = None
+    if run_inputs.eval_at_start and start == 0:
+        initial_val = evaluate()
+        if jax.process_index() == 0:
+            print(f"step      0/{cfg.steps} | val {initial_val:.4f}", flush=True)
 
     pending, losses, consecutive_skips, skipped = [], [], 0, 0
     last_val = None
@@ -424,10 +468,16 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
     finish_saving()
     writer.close()
     summary = {"run_dir": str(run_dir), "steps": last_step, "start_step": start, "losses": losses,
-               "val_loss": last_val, "unigram_entropy": entropy, "seconds": time.perf_counter() - t_start,
-               "total_params": total_params, "active_params": active_params}
+               "val_loss": last_val, "seconds": time.perf_counter() - t_start,
+               "total_params": total_params, "active_params": active_params, **run_inputs.summary}
+    if initial_val is not None:
+        summary["initial_val_loss"] = initial_val
     if cfg.log.sample_tokens and jax.process_count() == 1 and last_step == cfg.steps > start:
-        summary["sample"] = sample(graphdef, state, tokenizer, cfg)
+        if run_inputs.sample is None:
+            summary["sample"] = sample(graphdef, state, tokenizer, cfg)
+        else:
+            summary["sample"] = run_inputs.sample(
+                nnx.merge(graphdef, jax.device_get(state["params"]), jax.device_get(state["variables"])))
         print(f"--- sample ({cfg.log.sample_tokens} tokens) ---\n{summary['sample']}\n---", flush=True)
     return summary
 
@@ -442,5 +492,5 @@ def sample(graphdef, state, tokenizer, cfg: Config) -> str:
     return cfg.log.sample_prompt + tokenizer.decode(ids)
 
 
-__all__ = ["NonFiniteLoss", "cache_dir", "cross_entropy", "make_mesh", "make_optimizer", "make_schedule",
-           "make_train_step", "model_config_for", "train"]
+__all__ = ["NonFiniteLoss", "RunInputs", "cache_dir", "cross_entropy", "make_mesh", "make_optimizer",
+           "make_schedule", "make_train_step", "model_config_for", "pretraining_inputs", "train"]
