@@ -55,7 +55,9 @@ def optimizer_seconds(cfg, repeats: int = 5) -> float:
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    jax.block_until_ready(step(params, state))
+    # twice: some optimizers' first update returns a state of another type (weak types), which would recompile
+    for _ in range(2):
+        params, state = jax.block_until_ready(step(params, state))
     t = time.perf_counter()
     for _ in range(repeats):
         params, state = jax.block_until_ready(step(params, state))

@@ -93,6 +93,17 @@ class MuonClipConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on chat data (`python -m train.sft`, see train/sft.py); pretraining ignores it."""
+    init_from: str = ""                  # a trainer run_dir or a Hugging Face checkpoint dir; "" = random init
+    train_file: str = "chat_tiny"        # chat JSONL ({"messages": [{"role", "content"}, ...]}) or "chat_tiny"
+    val_file: str = ""                   # held-out chat JSONL; "" = hold out val_fraction of train_file
+    val_fraction: float = 0.1
+    skip_bad_lines: bool = False         # malformed lines: skipped and counted instead of an error
+    export_hf: str = ""                  # Hugging Face export of the final model; "" = run_dir/hf
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/tiny"
     steps: int = 1000
@@ -110,6 +121,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     muon_clip: MuonClipConfig = MuonClipConfig()
+    sft: SFTConfig = SFTConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,6 +183,8 @@ def _validate(c: Config) -> Config:
     sizes = [getattr(c.mesh, a) for a in MESH_AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: each must be ≥ 1, at most one may be -1")
+    if not 0 < c.sft.val_fraction < 1:
+        raise ConfigError(f"sft.val_fraction={c.sft.val_fraction} must be in (0, 1)")
     if "model_type" not in c.model:
         raise ConfigError("config section 'model' needs a model_type ('llama', 'qwen2' or 'deepseek_v3')")
     return c

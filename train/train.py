@@ -454,6 +454,7 @@ def train(cfg: Config, stop_after: int | None = None,
             losses.append((step, row["loss"]))
             if step % cfg.log.eval_every == 0 or step == cfg.steps:
                 last_val = row["val_loss"] = evaluate()
+                t_log = time.perf_counter()  # evaluation time is not training throughput
             writer.write(step, row)
             if jax.process_index() == 0:
                 step_times.append((now - t_start) / (step - start))
