@@ -297,25 +297,11 @@ def update_rms_by_shape(run_dir: Path, lr_scale: str | None = None) -> dict[tupl
 
 def optimizer_step_seconds(run_dir: Path, repeats: int = 5) -> float:
     """Seconds of one jitted optimizer update + apply, as the run trained it, on its final params, optimizer
-    state and a real gradient. Two chained warm-up calls: the state a first update returns can differ in
-    abstract type from the initial one (AdamW's does), which would put a recompilation inside the timing."""
-    import optax
-
+    state and a real gradient."""
+    from bench.train_throughput import time_update
     from train.train import make_mesh, make_optimizer, make_schedule
     cfg, params, opt_state, grads = restore_for_update(run_dir)
-    tx = make_optimizer(cfg, make_schedule(cfg), make_mesh(cfg))
-
-    @jax.jit
-    def step(params, state):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for _ in range(2):
-        params, opt_state = jax.block_until_ready(step(params, opt_state))
-    t = time.perf_counter()
-    for _ in range(repeats):
-        params, opt_state = jax.block_until_ready(step(params, opt_state))
-    return (time.perf_counter() - t) / repeats
+    return time_update(make_optimizer(cfg, make_schedule(cfg), make_mesh(cfg)), params, opt_state, grads, repeats)
 
 
 def role_of(path) -> str:

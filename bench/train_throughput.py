@@ -35,9 +35,27 @@ def abstract_counts(path: str) -> None:
           f"without embeddings {(total - embed) / 1e9:.2f}B total / {(active - embed) / 1e9:.2f}B active")
 
 
-def optimizer_seconds(cfg, repeats: int = 5) -> float:
-    """Seconds of one jitted optimizer update + apply on the config's params (mesh as the trainer builds it)."""
+def time_update(tx, params, opt_state, grads, repeats: int = 5) -> float:
+    """Seconds of one jitted `tx.update` + `apply_updates`. Two chained warm-up calls: the state a first update
+    returns can differ in abstract type from the initial one (AdamW's weak types), which would otherwise put a
+    recompilation inside the timing."""
     import optax
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(2):
+        params, opt_state = jax.block_until_ready(step(params, opt_state))
+    t = time.perf_counter()
+    for _ in range(repeats):
+        params, opt_state = jax.block_until_ready(step(params, opt_state))
+    return (time.perf_counter() - t) / repeats
+
+
+def optimizer_seconds(cfg) -> float:
+    """`time_update` for the config's optimizer on its freshly initialised params (mesh as the trainer builds it)."""
     from flax import nnx
 
     from train.data import load_tokenizer
@@ -47,21 +65,7 @@ def optimizer_seconds(cfg, repeats: int = 5) -> float:
     model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir(cfg)))
     params = nnx.state(build_model(model_cfg, rngs=nnx.Rngs(0), mesh=mesh), nnx.Param)
     tx = make_optimizer(cfg, make_schedule(cfg), mesh)
-    state = jax.jit(tx.init)(params)
-    grads = jax.tree.map(lambda p: p * 1e-3, params)
-
-    @jax.jit
-    def step(params, state):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    # twice: some optimizers' first update returns a state of another type (weak types), which would recompile
-    for _ in range(2):
-        params, state = jax.block_until_ready(step(params, state))
-    t = time.perf_counter()
-    for _ in range(repeats):
-        params, state = jax.block_until_ready(step(params, state))
-    return (time.perf_counter() - t) / repeats
+    return time_update(tx, params, tx.init(params), jax.tree.map(lambda p: p * 1e-3, params))
 
 
 def measure(path: str, steps: int, overrides: list[str]) -> dict:

@@ -39,24 +39,36 @@ def initialize_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_job(job) -> int:
+    """Run `job()` with the trainer's logging; a user-facing error (bad config or data, unusable checkpoint,
+    non-finite loss) prints one line and exits 2 instead of a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from train.checkpoint import CheckpointError
-    from train.config import ConfigError, load_config
+    from train.config import ConfigError
     from train.data import DataError
-    from train.train import NonFiniteLoss, train
+    from train.train import NonFiniteLoss
     try:
-        cfg = load_config(args.config, args.overrides)
-        initialize_distributed(args)
-        train(cfg, stop_after=args.stop_after)
+        job()
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def job():
+        from train.config import load_config
+        from train.train import train
+        cfg = load_config(args.config, args.overrides)
+        initialize_distributed(args)
+        train(cfg, stop_after=args.stop_after)
+
+    return run_job(job)
 
 
 if __name__ == "__main__":

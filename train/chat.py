@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,7 +32,7 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from train.data import CORPORA, DataError
+from train.data import CORPORA, DataError, batch_iterator
 from train.generate import render_chat
 
 ROLES = ("system", "user", "assistant")
@@ -204,30 +203,14 @@ def pack_conversations(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_le
     return rows, stats
 
 
-def _select_rows(ids: np.ndarray, *, rows: dict[str, np.ndarray], part: slice) -> dict[str, np.ndarray]:
-    ids = np.asarray(ids)[part]
-    return {k: v[ids] for k, v in rows.items()}
-
-
 def make_chat_iterator(rows: dict[str, np.ndarray], *, global_batch: int, seed: int, shuffle: bool = True,
                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """An endless iterator of this process's rows of each global batch, over packed rows: every row once per
-    epoch, in an order drawn from `seed` and the epoch (as `train.data.make_train_iterator`, whose
-    `iterator_state` / `restore_iterator` apply)."""
+    """An endless iterator of this process's rows of each global batch over packed rows, built by
+    `train.data.batch_iterator` (whose `iterator_state` / `restore_iterator` apply)."""
     n = len(rows["inputs"])
-    if n < global_batch:
-        raise DataError(f"the chat data packs into {n} rows of seq_len tokens, fewer than one global batch "
-                        f"({global_batch}); use more conversations, a smaller seq_len or global_batch")
-    if global_batch % process_count or not 0 <= process_index < process_count:
-        raise DataError(f"global_batch={global_batch} must split evenly over process_count={process_count} "
-                        f"(process_index={process_index})")
-    local = global_batch // process_count
-    ds = grain.MapDataset.range(n)
-    if shuffle:  # hashed seed, as in train.data: seeds s and s + 1 do not replay each other's epochs
-        ds = ds.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    ds = ds.repeat().batch(global_batch).map(functools.partial(
-        _select_rows, rows=rows, part=slice(process_index * local, (process_index + 1) * local)))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    return batch_iterator(n, lambda ids: {k: v[ids] for k, v in rows.items()}, global_batch=global_batch,
+                          seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count,
+                          what=f"conversations packed into {n} rows of seq_len tokens")
 
 
 def val_batches(rows: dict[str, np.ndarray], batch_size: int, max_batches: int | None = None) -> list[dict]:

@@ -373,40 +373,50 @@ def _n_windows(tokens: np.ndarray, seq_len: int) -> int:
     return max(0, (len(tokens) - 1) // seq_len)  # window i = tokens[i*seq_len : (i+1)*seq_len + 1]
 
 
-def _pack_rows(window_ids: np.ndarray, *, tokens: np.ndarray, seq_len: int, eos_id: int, rows: slice) -> dict:
-    starts = np.asarray(window_ids)[rows] * seq_len
+def _pack_rows(window_ids: np.ndarray, *, tokens: np.ndarray, seq_len: int, eos_id: int) -> dict:
+    starts = np.asarray(window_ids) * seq_len
     return pack(tokens[starts[:, None] + np.arange(seq_len + 1)], eos_id)
 
 
-def make_train_iterator(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, worker_count: int = 0,
-                        shuffle: bool = True) -> grain.DatasetIterator:
-    """An endless iterator of this process's rows of each global batch: dicts of [global_batch / P, seq_len].
+def batch_iterator(n: int, make_rows, *, global_batch: int, seed: int, shuffle: bool = True, process_index: int = 0,
+                   process_count: int = 1, worker_count: int = 0, what: str = "examples") -> grain.DatasetIterator:
+    """An endless grain iterator of this process's rows of each global batch over `n` examples.
 
-    Every window is seen once per epoch, in an order drawn from `seed` and the epoch. The shuffled window ids are
-    batched globally and only this process's rows are packed, so P processes together see exactly the batches
-    of one process and the iterator state (a batch counter) is the same on every process.
-    `worker_count` > 0 builds that many batches ahead in background threads. Threads, not processes: packing is
-    vectorised numpy over an in-memory stream, so processes would only add start-up time and copies."""
-    n = _n_windows(corpus.train, seq_len)
+    Every example is seen once per epoch, in an order drawn from `seed` and the epoch. The shuffled ids are
+    batched globally and `make_rows(ids)` builds only this process's rows, so P processes together see exactly
+    the batches of one process and the iterator state (a batch counter) is the same on every process.
+    `worker_count` > 0 builds that many batches ahead in background threads. Threads, not processes: building a
+    batch is vectorised numpy over in-memory arrays, so processes would only add start-up time and copies."""
     if n < global_batch:
-        raise DataError(f"the train split has {len(corpus.train):,} tokens = {n} windows of {seq_len + 1}, fewer "
-                        f"than one global batch ({global_batch}); use more data, a smaller seq_len or global_batch")
+        raise DataError(f"the data holds {what} = {n} sequences, fewer than one global batch ({global_batch}); "
+                        "use more data, a smaller seq_len or global_batch")
     if global_batch % process_count or not 0 <= process_index < process_count:
         raise DataError(f"global_batch={global_batch} must split evenly over process_count={process_count} "
                         f"(process_index={process_index})")
     rows = global_batch // process_count
+    part = slice(process_index * rows, (process_index + 1) * rows)
     ds = grain.MapDataset.range(n)
     if shuffle:
         # grain seeds epoch e with seed + e; hashing the seed keeps runs with seeds s and s+1 from replaying each
         # other's epochs one epoch apart
         ds = ds.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    ds = ds.repeat().batch(global_batch).map(functools.partial(
-        _pack_rows, tokens=corpus.train, seq_len=seq_len, eos_id=corpus.tokenizer.eos_id,
-        rows=slice(process_index * rows, (process_index + 1) * rows)))
+    ds = ds.repeat().batch(global_batch).map(lambda ids: make_rows(np.asarray(ids)[part]))
     # grain's default (16 threads, 500 elements ahead) would hold 500 whole batches in memory
     read = grain.ReadOptions(num_threads=worker_count, prefetch_buffer_size=2 * worker_count)
     return iter(ds.to_iter_dataset(read))
+
+
+def make_train_iterator(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, worker_count: int = 0,
+                        shuffle: bool = True) -> grain.DatasetIterator:
+    """An endless iterator of this process's rows of each global batch (dicts of [global_batch / P, seq_len]) over
+    the windows of `seq_len + 1` tokens of the train stream; see `batch_iterator`."""
+    n = _n_windows(corpus.train, seq_len)
+    return batch_iterator(
+        n, functools.partial(_pack_rows, tokens=corpus.train, seq_len=seq_len, eos_id=corpus.tokenizer.eos_id),
+        global_batch=global_batch, seed=seed, shuffle=shuffle, process_index=process_index,
+        process_count=process_count, worker_count=worker_count,
+        what=f"{len(corpus.train):,} train tokens = {n} windows of {seq_len + 1}")
 
 
 def iterator_state(it: grain.DatasetIterator) -> dict:

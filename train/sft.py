@@ -38,12 +38,12 @@ from flax import nnx
 
 from train import data as data_lib
 from train.chat import ChatFormat, load_chat_data, make_chat_iterator, val_batches
-from train.checkpoint import CheckpointError, load_for_inference
+from train.checkpoint import load_for_inference
 from train.config import Config, ConfigError, load_config
-from train.data import DataConfig, DataError
+from train.data import DataConfig
 from train.generate import DEFAULT_CHAT_TEMPLATE, generate
 from train.models import state_shardings
-from train.train import NonFiniteLoss, RunInputs, cache_dir, train
+from train.train import RunInputs, cache_dir, train
 
 log = logging.getLogger("train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny.yaml"
@@ -217,16 +217,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and exit after this many steps; rerun to continue")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        sft(load_config(args.config, args.overrides), stop_after=args.stop_after)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from train.__main__ import run_job
+    return run_job(lambda: sft(load_config(args.config, args.overrides), stop_after=args.stop_after))
 
 
 if __name__ == "__main__":
