@@ -93,7 +93,8 @@ def main(argv=None) -> None:
     parser.add_argument("configs", nargs="+", help="config paths, then optional key=value overrides for all")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--abstract", action="store_true", help="only build abstract params and print counts")
-    args = parser.parse_args(argv)
+    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    args = parser.parse_intermixed_args(argv)
     paths = [c for c in args.configs if "=" not in c]
     overrides = [c for c in args.configs if "=" in c]
     if args.abstract:
@@ -101,11 +102,17 @@ def main(argv=None) -> None:
             abstract_counts(p)
         return
     results = [measure(p, args.steps, overrides) for p in paths]
-    print(f"\ndevice: {jax.devices()[0].device_kind} × {jax.device_count()}")
-    print(f"{'config':32s} {'optimizer':>9s} {'tokens/s':>10s} {'MFU':>7s} {'step ms':>9s} {'opt ms':>8s} {'opt share':>9s}")
-    for r in results:
-        print(f"{r['config']:32s} {r['optimizer']:>9s} {r['tokens_per_s']:>10.0f} {100 * r['mfu']:>6.1f}% "
-              f"{1e3 * r['step_s']:>9.1f} {1e3 * r['optimizer_s']:>8.1f} {100 * r['optimizer_share']:>8.1f}%")
+    lines = ["| config | optimizer | tokens/s | MFU | step ms | optimizer ms | optimizer share |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['optimizer']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+              f"{1e3 * r['step_s']:.1f} | {1e3 * r['optimizer_s']:.1f} | {100 * r['optimizer_share']:.1f}% |"
+              for r in results]
+    from bench.report import device_line, replace_section
+    md = (f"{device_line()}; {args.steps} steps per config, steady-state rate after the first logging interval"
+          f"{'; overrides: ' + ' '.join(overrides) if overrides else ''}.\n\n" + "\n".join(lines))
+    print(md)
+    if args.write:
+        replace_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", "bench/train_throughput.py", md)
 
 
 if __name__ == "__main__":
