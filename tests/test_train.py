@@ -122,3 +122,16 @@ def test_two_processes_equal_one(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
     np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "two")],
                                [r["loss"] for r in read_metrics(tmp_path / "one")], rtol=1e-5)
+
+
+def test_cross_entropy_and_z_loss_match_numpy():
+    from train.train import cross_entropy
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, size=(2, 5))
+    mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    logz = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    nll = logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    loss, z = cross_entropy(logits, targets, mask, 1e-4)
+    np.testing.assert_allclose(loss, (nll * mask).sum() / mask.sum(), rtol=1e-5)
+    np.testing.assert_allclose(z, 1e-4 * (logz ** 2 * mask).sum() / mask.sum(), rtol=1e-5)
