@@ -101,18 +101,16 @@ def make_mesh(cfg: Config) -> jax.sharding.Mesh:
 
 def make_schedule(cfg: Config) -> optax.Schedule:
     s, peak, steps = cfg.schedule, cfg.optimizer.learning_rate, cfg.steps
-    warmup = min(s.warmup_steps, steps - 1)
+    warmup = max(1, min(s.warmup_steps, steps - 1))
     final = peak * s.final_fraction
-    if s.name == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), steps, final)
+    ramp = optax.linear_schedule(0.0, peak, warmup)
+    if s.name == "cosine":  # decay_steps > warmup even for a 1-step run
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1), final)
     if s.name == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
-                                    [max(warmup, 1)])
+        return optax.join_schedules([ramp, optax.constant_schedule(peak)], [warmup])
     decay = max(1, int(steps * s.decay_fraction))  # wsd: warmup, stable, linear decay over the last steps
-    return optax.join_schedules([
-        optax.linear_schedule(0.0, peak, max(warmup, 1)),
-        optax.constant_schedule(peak),
-        optax.linear_schedule(peak, final, decay)], [max(warmup, 1), steps - decay])
+    return optax.join_schedules([ramp, optax.constant_schedule(peak), optax.linear_schedule(peak, final, decay)],
+                                [warmup, steps - decay])
 
 
 def make_optimizer(cfg: Config, schedule, mesh) -> optax.GradientTransformation:
