@@ -17,7 +17,7 @@ from test_muon_clip import random_model
 
 from train.generate import (
     DEFAULT_CHAT_TEMPLATE,
-    HFTokenizer,
+    CheckpointTokenizer,
     chat,
     generate,
     main,
@@ -162,7 +162,7 @@ def hf_dir(tmp_path_factory):
 
 def test_cli_streams_the_continuation(hf_dir, capsys):
     model, _ = load_hf_checkpoint(hf_dir)
-    tokenizer = HFTokenizer(hf_dir)
+    tokenizer = CheckpointTokenizer(hf_dir)
     assert tokenizer.eos_id == [2] and tokenizer.chat_template.startswith("{% for")
     main([str(hf_dir), "--prompt", "w5 w17 w3 w42", "--max-new-tokens", "9"])
     prompt = tokenizer.encode("w5 w17 w3 w42")
@@ -173,7 +173,7 @@ def test_cli_streams_the_continuation(hf_dir, capsys):
 
 def test_chat_keeps_history(hf_dir, monkeypatch, capsys):
     model, _ = load_hf_checkpoint(hf_dir)
-    tokenizer = HFTokenizer(hf_dir)
+    tokenizer = CheckpointTokenizer(hf_dir)
     out = io.StringIO()
     messages = chat(model, tokenizer, ["w5 w6\n", "\n", "w7\n"], template=tokenizer.chat_template, out=out,
                     max_new_tokens=5)

@@ -196,7 +196,7 @@ def test_resume_continues_exactly(straight, tmp_path):
 
 def test_hf_export_round_trip_and_fine_tuning_from_it(straight, tmp_path):
     from train.checkpoint import load_for_inference
-    from train.generate import HFTokenizer
+    from train.generate import CheckpointTokenizer
     from train.hf import load_hf_checkpoint
 
     run_dir, summary, _ = straight
@@ -206,7 +206,7 @@ def test_hf_export_round_trip_and_fine_tuning_from_it(straight, tmp_path):
     theirs, _ = load_hf_checkpoint(export)
     tokens = jnp.asarray([BYTE_CHAT.encode_text("<|user|>\nWhat is 2 + 2?<|endoftext|>\n<|assistant|>\n")])
     np.testing.assert_array_equal(theirs(tokens), ours(tokens))
-    hf = HFTokenizer(export)  # what `python -m train.generate DIR --chat` uses
+    hf = CheckpointTokenizer(export)  # what `python -m train.generate DIR --chat` uses
     text = "Ünïcode ✓ <|endoftext|>\n"
     assert hf.encode(text, add_special_tokens=False) == BYTE_CHAT.encode_text(text) and hf.eos_id == [256]
     assert "<|assistant|>" in hf.chat_template

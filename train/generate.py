@@ -151,7 +151,7 @@ def render_chat(messages: Sequence[dict], template: str | None = None, add_gener
         messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
 
 
-class HFTokenizer:
+class CheckpointTokenizer:
     """A Hugging Face `tokenizer.json` (via the `tokenizers` package) with the checkpoint's special tokens."""
 
     def __init__(self, path: Path):
@@ -190,7 +190,7 @@ def load(path) -> tuple:
 
         if not (path / "tokenizer.json").exists():
             raise FileNotFoundError(f"{path} has no tokenizer.json (needed to encode the prompt)")
-        return load_hf_checkpoint(path)[0], HFTokenizer(path)
+        return load_hf_checkpoint(path)[0], CheckpointTokenizer(path)
     from train.checkpoint import load_for_inference  # the trainer's run directories (config.yaml + checkpoints)
 
     return load_for_inference(path)
@@ -222,7 +222,7 @@ def chat(model, tokenizer, lines: Iterable[str], *, template: str | None = None,
     stdout). Returns the conversation. The template's text already carries any bos, so HF tokenizers encode it
     without adding one."""
     out = sys.stdout if out is None else out
-    hf = isinstance(tokenizer, HFTokenizer)
+    hf = isinstance(tokenizer, CheckpointTokenizer)
     encode = (lambda s: tokenizer.encode(s, add_special_tokens=False)) if hf else tokenizer.encode
     variables = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token} if hf else {}
     messages: list[dict] = []

@@ -83,14 +83,14 @@ def load_init(cfg: Config) -> InitSource:
         cfg = dataclasses.replace(cfg, model=model.config.to_dict(), data=src.data)
         return InitSource(cfg, model, tokenizer, chat_format(tokenizer))
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        from train.generate import HFTokenizer
+        from train.generate import CheckpointTokenizer
         from train.hf import load_hf_checkpoint
         if not (path / "tokenizer.json").is_file():
             raise ConfigError(f"sft.init_from={source!r} has no tokenizer.json; the chat data needs the tokenizer")
         model, model_cfg = load_hf_checkpoint(path, dtype=jnp.float32)  # full fine-tuning in float32
         data_cfg = DataConfig(tokenizer=str(path.resolve()))
         tokenizer = data_lib.load_tokenizer(data_cfg, cache_dir(cfg))
-        hf = HFTokenizer(path)
+        hf = CheckpointTokenizer(path)
         eos_token = hf.eos_token or tokenizer.tokenizer.id_to_token(tokenizer.eos_id)
         eos_id = tokenizer.tokenizer.token_to_id(eos_token)
         if eos_id is None:
