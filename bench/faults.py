@@ -119,16 +119,17 @@ def nan_trials(tmp: Path) -> list[dict]:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    import train.train as train_mod
+    import train.step as step_mod
     from train.checkpoint import Checkpointer
     from train.config import load_config
-    original = train_mod.cross_entropy
+    from train.loop import NonFiniteLoss, train
+    original = step_mod.cross_entropy
 
     def poisoned(logits, targets, mask, z_loss):
         loss, z = original(logits, targets, mask, z_loss)
         return jnp.where(targets[:, :4].sum() % 4 == 0, jnp.nan, loss), z
 
-    train_mod.cross_entropy = poisoned
+    step_mod.cross_entropy = poisoned
     rows = []
     try:
         for policy in ("skip", "halt"):
@@ -136,9 +137,9 @@ def nan_trials(tmp: Path) -> list[dict]:
             cfg = load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, f"steps={STEPS}", f"run_dir={run_dir}",
                                                                f"nan_policy={policy}", "max_consecutive_skips=24"])
             try:
-                train_mod.train(cfg)
+                train(cfg)
                 outcome = "finished"
-            except train_mod.NonFiniteLoss as e:
+            except NonFiniteLoss as e:
                 outcome = f"halted: {str(e)[:60]}…"
             nan_steps = sum(not np.isfinite(loss) for _, loss in losses(run_dir))
             ckpt = Checkpointer(run_dir)
@@ -152,7 +153,7 @@ def nan_trials(tmp: Path) -> list[dict]:
                                  f"{'all finite' if finite else 'NaN IN A CHECKPOINT'}",
                          "wrong": 0 if finite else 1, "missing": 0})
     finally:
-        train_mod.cross_entropy = original
+        step_mod.cross_entropy = original
     return rows
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.paper [--quick] [--out docs/] [--runs runs/paper]
 
-Every run goes through the real trainer (`train.train.train`) from `configs/paper_base.yaml` (bundled `medium`
+Every run goes through the real trainer (`train.loop.train`) from `configs/paper_base.yaml` (bundled `medium`
 corpus, held-out documents for validation, 4k BPE, seq 128, batch 32, cosine schedule, weight decay 0.1, seed 0,
 one device), so Muon and AdamW see the same initial weights and the same batches in the same order. The study
 writes `OUT/results.md` (tables, and interpretation generated from the measured numbers) and `OUT/paper_*.png`:
@@ -175,8 +175,9 @@ class Study:
         from train.mfu import flops_per_token
         from train.models import param_counts
         from train.plot import read_metrics
-        from train.train import NonFiniteLoss, cache_dir, model_config_for, train
         from train.data import load_tokenizer
+        from train.loop import NonFiniteLoss, train
+        from train.runtime import cache_dir, model_config_for
 
         cfg = self.config(spec)
         run_dir = Path(cfg.run_dir)
@@ -191,7 +192,7 @@ class Study:
                 diverged = True
             marker.write_text(json.dumps({"seconds": time.perf_counter() - t0, "diverged": diverged}))
         status = json.loads(marker.read_text())
-        model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir(cfg)))
+        model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir()))
         result = Result(spec, run_dir, read_metrics(run_dir), status["diverged"], status["seconds"],
                         flops_per_token(model_cfg, cfg.seq_len), cfg.global_batch * cfg.seq_len,
                         param_counts(model_cfg)[0])
@@ -230,15 +231,16 @@ def restore_for_update(run_dir: Path):
     from train import data as data_lib
     from train.checkpoint import Checkpointer
     from train.config import load_config
-    from train.models import model_class
-    from train.train import cache_dir, cross_entropy, make_mesh, make_optimizer, make_schedule, model_config_for
+    from train.models import abstract_model
+    from train.optim import make_optimizer, make_schedule
+    from train.runtime import cache_dir, make_mesh, model_config_for
+    from train.step import cross_entropy
 
     cfg = load_config(run_dir / "config.yaml")
-    corpus = data_lib.load_corpus(cfg.data, cache_dir(cfg))
+    corpus = data_lib.load_corpus(cfg.data, cache_dir())
     model_cfg = model_config_for(cfg, corpus.tokenizer)
     # abstract targets (shapes only) for the restore: nothing is initialised or compiled just to be overwritten
-    graphdef, params, variables = nnx.split(
-        nnx.eval_shape(lambda: model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    graphdef, params, variables = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
     opt_state = jax.eval_shape(make_optimizer(cfg, make_schedule(cfg), make_mesh(cfg)).init, params)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params, opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -272,7 +274,8 @@ def update_rms_by_shape(run_dir: Path, lr_scale: str | None = None) -> dict[tupl
     import optax
 
     import muon_jax
-    from train.train import make_mesh, make_optimizer
+    from train.optim import make_optimizer
+    from train.runtime import make_mesh
 
     cfg, params, opt_state, grads = restore_for_update(run_dir)
     o = dataclasses.replace(cfg.optimizer, weight_decay=0.0, **({"lr_scale": lr_scale} if lr_scale else {}))
@@ -299,7 +302,8 @@ def optimizer_step_seconds(run_dir: Path, repeats: int = 5) -> float:
     """Seconds of one jitted optimizer update + apply, as the run trained it, on its final params, optimizer
     state and a real gradient."""
     from bench.train_throughput import time_update
-    from train.train import make_mesh, make_optimizer, make_schedule
+    from train.optim import make_optimizer, make_schedule
+    from train.runtime import make_mesh
     cfg, params, opt_state, grads = restore_for_update(run_dir)
     return time_update(make_optimizer(cfg, make_schedule(cfg), make_mesh(cfg)), params, opt_state, grads, repeats)
 
@@ -332,8 +336,8 @@ def entropies_of(run_dir: Path) -> dict[str, np.ndarray]:
     """`matrix_entropies` of a run's final weights."""
     from flax import nnx
 
-    from train.checkpoint import load_for_inference
-    model, _ = load_for_inference(run_dir)
+    from train.pretrained import load_run_dir
+    model, _ = load_run_dir(run_dir)
     return matrix_entropies(nnx.state(model, nnx.Param))
 
 
@@ -343,8 +347,8 @@ def init_params(cfg):
 
     from train.data import load_tokenizer
     from train.models import build_model
-    from train.train import cache_dir, model_config_for
-    model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir(cfg)))
+    from train.runtime import cache_dir, model_config_for
+    model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir()))
     return nnx.state(build_model(model_cfg, rngs=nnx.Rngs(params=cfg.seed)), nnx.Param)
 
 
@@ -353,8 +357,8 @@ def weight_rms(run_dir: Path) -> float:
     from flax import nnx
 
     import muon_jax
-    from train.checkpoint import load_for_inference
-    params = nnx.state(load_for_inference(run_dir)[0], nnx.Param)
+    from train.pretrained import load_run_dir
+    params = nnx.state(load_run_dir(run_dir)[0], nnx.Param)
     mats = [w for w, l in zip(jax.tree.leaves(params), jax.tree.leaves(muon_jax.default_labels(params)))
             if l == "muon"]
     return math.sqrt(sum(float(jnp.sum(jnp.square(w))) for w in mats) / sum(w.size for w in mats))
@@ -867,8 +871,8 @@ def limitations(plan: Plan, cfg) -> str:
         "factor.",
         "- Section 3 reads Muon's loss mid-schedule; section 6 fits final points at a fixed token budget, not "
         "compute-optimal runs.",
-        "- Not reproduced: Muon pretraining + Muon SFT. The bundled data has no instruction set, and the trainer "
-        "has no way to start a run from another run's weights with a fresh optimizer state.",
+        "- Not reproduced yet: Muon pretraining + Muon SFT (the paper's 2×2 of optimizers). `python -m train.sft` "
+        "can start from a pretraining run_dir with a fresh optimizer (`sft.init_from`); the study does not run it.",
     ])
 
 

@@ -3,7 +3,7 @@
     python -m bench.train_throughput configs/tiny.yaml configs/moonlight_tiny.yaml [--steps 30] [key=value ...]
     python -m bench.train_throughput --abstract configs/moonlight_16b_a3b.yaml   # param counts only, any machine
 
-Each config runs through the real trainer (`train.train`) in a temporary run_dir; tokens/s is the rate over the
+Each config runs through the real trainer (`train.loop.train`) in a temporary run_dir; tokens/s is the rate over the
 steps after the first logging interval (which holds the compilation). The optimizer share is one jitted
 `tx.update` + `apply_updates` on the model's params, timed alone, over the measured step time.
 """
@@ -24,10 +24,10 @@ def abstract_counts(path: str) -> None:
     from flax import nnx
 
     from train.config import load_config
-    from train.models import config_from_dict, model_class, param_counts
+    from train.models import abstract_model, model_config_from_dict, param_counts
     cfg = load_config(path)
-    model_cfg = config_from_dict({"vocab_size": 50257, **cfg.model})
-    abstract = nnx.eval_shape(lambda: model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)))
+    model_cfg = model_config_from_dict({"vocab_size": 50257, **cfg.model})
+    abstract = abstract_model(model_cfg)
     built = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     total, active = param_counts(model_cfg)
     embed = model_cfg.vocab_size * model_cfg.hidden_size * (1 if model_cfg.tie_word_embeddings else 2)
@@ -60,9 +60,10 @@ def optimizer_seconds(cfg) -> float:
 
     from train.data import load_tokenizer
     from train.models import build_model
-    from train.train import cache_dir, make_mesh, make_optimizer, make_schedule, model_config_for
+    from train.optim import make_optimizer, make_schedule
+    from train.runtime import cache_dir, make_mesh, model_config_for
     mesh = make_mesh(cfg)
-    model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir(cfg)))
+    model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir()))
     params = nnx.state(build_model(model_cfg, rngs=nnx.Rngs(0), mesh=mesh), nnx.Param)
     tx = make_optimizer(cfg, make_schedule(cfg), mesh)
     return time_update(tx, params, tx.init(params), jax.tree.map(lambda p: p * 1e-3, params))
@@ -70,7 +71,7 @@ def optimizer_seconds(cfg) -> float:
 
 def measure(path: str, steps: int, overrides: list[str]) -> dict:
     from train.config import load_config
-    from train.train import train
+    from train.loop import train
     with tempfile.TemporaryDirectory() as tmp:
         every = max(1, steps // 3)
         cfg = load_config(path, [f"run_dir={tmp}/run", f"steps={steps}", f"log.every={every}",

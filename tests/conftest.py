@@ -1,7 +1,97 @@
-"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 simulated CPU devices, set before jax is imported anywhere; and the model factories that several
+test files share, as fixtures (`reference_model`, `random_model`)."""
 import os
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def hf_config(family):
+    """A tiny transformers config of each family (and variant) we import and export."""
+    import transformers
+
+    SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, rms_norm_eps=1e-5)
+    FAMILIES = {
+        # GQA, untied embeddings, Llama-3 rope scaling, attention bias (q/k/v and o), head_dim != hidden/heads
+        "llama": lambda: transformers.LlamaConfig(
+            **SMALL, num_key_value_heads=2, head_dim=16, attention_bias=True, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        # q/k/v bias only, tied embeddings
+        "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=True,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+        # Moonlight-like MLA (no q_lora), 4 groups of 2 experts with 2 groups kept, a dense first layer
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(
+            **{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=4, moe_intermediate_size=16, n_shared_experts=2,
+            n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
+            routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=12, tie_word_embeddings=False),
+        # DeepSeek-V3 proper: q_lora, no groups, no normalisation, non-interleaved rope, attention bias
+        "deepseek_v3_qlora": lambda: transformers.DeepseekV3Config(
+            **SMALL, num_key_value_heads=4, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4,
+            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0, norm_topk_prob=False,
+            kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+            rope_interleave=False, attention_bias=True),
+    }
+    return FAMILIES[family]()
+
+
+def make_reference_model(family):
+    """A transformers model with O(1)-scale random weights (the default 0.02 init makes logits ~0, hiding bugs)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.3 * torch.randn_like(p))
+            else:  # fan-in scaling; the embedding gets unit scale
+                p.copy_(torch.randn_like(p) / (1 if "embed" in name else p.shape[-1] ** 0.5))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # large enough to change which experts win
+                b.copy_(0.5 * torch.randn_like(b))
+    return model.eval()
+
+
+def make_random_model(config, seed=0, stddev=0.2):
+    """A model with N(0, stddev) weights, N(0, 0.5) biases (nonzero, so code that dropped them would show), unit
+    norm scales and a zero balancing bias. Filled from numpy into the abstract model: much faster than
+    build_model's compiled init, which would dominate these tests."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from train.models import abstract_model
+
+    graphdef, state = nnx.split(abstract_model(config))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, v):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name or "e_score_correction_bias" in name:
+            return jnp.full(v.shape, "scale" in name, v.dtype)
+        return jnp.asarray(rng.normal(0, 0.5 if "bias" in name else stddev, v.shape), v.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """The `make_reference_model(family)` factory."""
+    return make_reference_model
+
+
+@pytest.fixture(scope="session")
+def random_model():
+    """The `make_random_model(config, seed=0, stddev=0.2)` factory."""
+    return make_random_model

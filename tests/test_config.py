@@ -10,7 +10,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_builds_its_model_config(path):
-    from train.models import config_from_dict as model_config
+    from train.models import model_config_from_dict as model_config
     cfg = load_config(path)
     model_config({"vocab_size": 50257, **cfg.model})  # strict model keys: a typo in a shipped config fails here
 

@@ -6,8 +6,9 @@ import lzma
 import numpy as np
 import pytest
 
-from train import data
-from train.data import (BUNDLED, ByteTokenizer, Corpus, DataConfig, DataError, TiktokenTokenizer, iterator_state,
+from train.config import ConfigError, DataConfig, config_from_dict
+from train.data import corpus as corpus_mod, tokenizers
+from train.data import (BUNDLED, ByteTokenizer, Corpus, DataError, TiktokenTokenizer, iterator_state,
                         load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, read_documents,
                         restore_iterator, split_documents, unigram_entropy)
 
@@ -147,8 +148,8 @@ def test_bpe_is_trained_once_then_cached(shakespeare_50k, tmp_path, monkeypatch)
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed instead of loaded from the cache")
-    monkeypatch.setattr(data, "train_bpe", fail)
-    monkeypatch.setattr(data, "_tokenize", fail)
+    monkeypatch.setattr(tokenizers, "train_bpe", fail)
+    monkeypatch.setattr(corpus_mod, "tokenize_documents", fail)
     again = load_corpus(cfg, tmp_path)
     np.testing.assert_array_equal(again.train, corpus.train)
     np.testing.assert_array_equal(again.val, corpus.val)
@@ -228,10 +229,9 @@ def test_clear_errors(tmp_path):
         load_corpus(DataConfig(source=str(tmp_path / "bad.jsonl"), tokenizer="byte"), tmp_path)
     with pytest.raises(DataError, match="nope.json.*not 'byte'"):
         load_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope.json")), tmp_path)
-    with pytest.raises(ValueError, match="did you mean 'tokenizer'"):
-        DataConfig.from_dict({"tokeniser": "byte"})
-    with pytest.raises(ValueError, match="val_fraction"):
-        DataConfig.from_dict({"val_fraction": 0})
-    assert DataConfig.from_dict({"source": "medium", "tokenizer": "gpt2"}) == DataConfig("medium", tokenizer="gpt2")
+    with pytest.raises(ConfigError, match="unknown config key 'data.tokeniser': did you mean 'tokenizer'"):
+        config_from_dict({"model": {"model_type": "llama"}, "data": {"tokeniser": "byte"}})
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.*\(0, 1\)"):
+        config_from_dict({"model": {"model_type": "llama"}, "data": {"val_fraction": 0}})
     with pytest.raises(DataError, match="fewer than one global batch"):
         make_train_iterator(toy_corpus(), seq_len=SEQ, global_batch=64, seed=0)

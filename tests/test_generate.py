@@ -12,19 +12,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_hf import reference_model  # O(1)-scale random transformers models (tests/ is on sys.path)
-from test_muon_clip import random_model
 
-from train.generate import (
-    DEFAULT_CHAT_TEMPLATE,
-    CheckpointTokenizer,
-    chat,
-    generate,
-    main,
-    render_chat,
-    sample_token,
-)
-from train.hf import load_hf_checkpoint
+from train.data import HFTokenizer
+from train.data.chat import DEFAULT_CHAT_TEMPLATE, render_chat
+from train.decode import generate, sample_token
+from train.generate import chat, main
+from train.models.hf import load_hf_checkpoint
 from train.models import DeepseekV3Config, LlamaConfig, Qwen2Config
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
@@ -39,9 +32,10 @@ CONFIGS = {
 PROMPT = [5, 17, 3, 42, 8, 8, 29]
 
 
-@functools.cache  # shared by the tests of one worker; none of them changes the model
-def tiny_model(name):
-    return random_model(CONFIGS[name], stddev=0.3)
+@pytest.fixture(scope="module")
+def tiny_model(random_model):
+    """name -> a tiny random model, shared by the tests of one worker (none of them changes it)."""
+    return functools.cache(lambda name: random_model(CONFIGS[name], stddev=0.3))
 
 
 def is_greedy_continuation(model, prompt, tokens):
@@ -52,7 +46,7 @@ def is_greedy_continuation(model, prompt, tokens):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_greedy_equals_recomputed_argmax(name):
+def test_greedy_equals_recomputed_argmax(name, tiny_model):
     model = tiny_model(name)
     streamed = []
     # 7 prompt tokens + 20 new: the prefill bucket (16) is smaller than the cache (32) and decoding crosses it
@@ -64,7 +58,7 @@ def test_greedy_equals_recomputed_argmax(name):
     assert generate(model, PROMPT, max_new_tokens=20, eos_id=[63, tokens[stop_at]]) == tokens[:stop_at]
 
 
-def test_cached_decode_logits_equal_full_forward():
+def test_cached_decode_logits_equal_full_forward(tiny_model):
     model = tiny_model("qwen2_bias_gqa")
     ids = jnp.asarray([PROMPT + [1, 2, 3, 4, 5]])
     full = model(ids)
@@ -78,7 +72,7 @@ def test_cached_decode_logits_equal_full_forward():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "deepseek_v3"])
-def test_greedy_matches_transformers_generate(family, tmp_path):
+def test_greedy_matches_transformers_generate(family, tmp_path, reference_model):
     ref = reference_model(family)
     ref.generation_config.eos_token_id = None  # run the full length on both sides
     ref.generation_config.pad_token_id = 0
@@ -90,7 +84,7 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
     assert generate(model, prompt, max_new_tokens=12) == expected.tolist()
 
 
-def test_sampling_is_deterministic_and_tiny_top_p_is_greedy():
+def test_sampling_is_deterministic_and_tiny_top_p_is_greedy(tiny_model):
     model = tiny_model("llama_gqa")
     greedy = generate(model, PROMPT, max_new_tokens=12)
     assert generate(model, PROMPT, max_new_tokens=12, temperature=1.0, top_p=1e-6, rng=jax.random.key(3)) == greedy
@@ -142,7 +136,7 @@ def test_render_chat_default_template_and_transformers_parity():
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, reference_model):
     """A tiny Llama checkpoint with a word-level tokenizer.json and a chat template (as on the hub)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -161,19 +155,22 @@ def hf_dir(tmp_path_factory):
 
 
 def test_cli_streams_the_continuation(hf_dir, capsys):
-    model, _ = load_hf_checkpoint(hf_dir)
-    tokenizer = CheckpointTokenizer(hf_dir)
-    assert tokenizer.eos_id == [2] and tokenizer.chat_template.startswith("{% for")
+    tokenizer = HFTokenizer.from_checkpoint(hf_dir)
+    assert tokenizer.stop_ids == [2] and tokenizer.chat_template.startswith("{% for")
     main([str(hf_dir), "--prompt", "w5 w17 w3 w42", "--max-new-tokens", "9"])
-    prompt = tokenizer.encode("w5 w17 w3 w42")
-    new = generate(model, prompt, max_new_tokens=9, eos_id=tokenizer.eos_id)
+    # the reference: transformers' greedy generate on the same checkpoint, stopping at the same eos
+    prompt = tokenizer.encode("w5 w17 w3 w42", add_special_tokens=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=False, eos_token_id=2, pad_token_id=0)
+    new = [t for t in out[0, len(prompt):].tolist() if t != 2][:9]
     assert len(new) >= 3
     assert capsys.readouterr().out == tokenizer.decode(prompt + new) + "\n"
 
 
 def test_chat_keeps_history(hf_dir, monkeypatch, capsys):
     model, _ = load_hf_checkpoint(hf_dir)
-    tokenizer = CheckpointTokenizer(hf_dir)
+    tokenizer = HFTokenizer.from_checkpoint(hf_dir)
     out = io.StringIO()
     messages = chat(model, tokenizer, ["w5 w6\n", "\n", "w7\n"], template=tokenizer.chat_template, out=out,
                     max_new_tokens=5)

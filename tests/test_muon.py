@@ -226,10 +226,12 @@ def test_inject_hyperparams_learning_rate_changes_step():
 def test_schedule_multisteps_and_clip_chain():
     params, grads = small_problem()
     sched = optax.linear_schedule(0.1, 0.0, 10)
-    tx = muon_jax.muon(sched, ns_dtype=jnp.float32)
-    u, _ = tx.update(grads, tx.init(params), params)
-    u_const, _ = muon_jax.muon(0.1, ns_dtype=jnp.float32).update(grads, tx.init(params), params)
-    chex.assert_trees_all_close(u, u_const)
+    tx, unit = muon_jax.muon(sched, ns_dtype=jnp.float32), muon_jax.muon(1.0, ns_dtype=jnp.float32)
+    s_sched, s_unit = tx.init(params), unit.init(params)
+    for step in range(4):  # the update is linear in the LR, so at step t it is sched(t) × the LR-1 update
+        u, s_sched = tx.update(grads, s_sched, params)
+        u_unit, s_unit = unit.update(grads, s_unit, params)
+        chex.assert_trees_all_close(u, jax.tree.map(lambda x: sched(step) * x, u_unit), rtol=1e-5, atol=1e-8)
 
     acc = optax.MultiSteps(muon_jax.muon(0.1, ns_dtype=jnp.float32), every_k_schedule=2)
     st = acc.init(params)

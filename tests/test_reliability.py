@@ -16,10 +16,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import train.train as train_mod
+import train.step as step_mod
 from train.checkpoint import CheckpointError, Checkpointer
 from train.config import ConfigError, load_config
-from train.train import NonFiniteLoss, train
+from train.data import DataError
+from train.loop import NonFiniteLoss, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
@@ -95,13 +96,13 @@ def test_corrupt_latest_checkpoint_falls_back_and_keeps_older(tmp_path, caplog):
 
 def poison_some_batches(monkeypatch):
     """NaN loss (and so NaN grads) on a deterministic ~1/4 of the batches."""
-    original = train_mod.cross_entropy
+    original = step_mod.cross_entropy
 
     def cross_entropy(logits, targets, mask, z_loss):
         loss, z = original(logits, targets, mask, z_loss)
         return jnp.where(targets[:, :4].sum() % 4 == 0, jnp.nan, loss), z
 
-    monkeypatch.setattr(train_mod, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(step_mod, "cross_entropy", cross_entropy)
 
 
 def test_nan_skip_keeps_params_and_counts(tmp_path, monkeypatch):
@@ -130,7 +131,7 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         train(config(tmp_path / "a", "steps=2", "model.vocab_size=100"))
     with pytest.raises(ConfigError, match="nearest valid global_batch"):
         train(config(tmp_path / "b", "steps=2", "global_batch=12", "mesh.data=8"))
-    with pytest.raises(Exception, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         train(config(tmp_path / "c", "steps=2", f"data.source={tmp_path / 'nothing.txt'}"))
     run_dir = tmp_path / "d"
     train(config(run_dir, "steps=2", "checkpoint.every=2"))
@@ -172,7 +173,6 @@ def test_lost_process_fails_the_other_instead_of_hanging(tmp_path):
              for i in range(2)]
     wait_for_step(run_dir, 2, procs[0])
     procs[1].send_signal(signal.SIGKILL)
-    t = time.time()
-    _, err = procs[0].communicate(timeout=120)
-    assert procs[0].returncode != 0 and time.time() - t < 60
+    _, err = procs[0].communicate(timeout=120)  # a survivor that hangs fails the test here
+    assert procs[0].returncode != 0
     assert "stopped sending heartbeats" in err or "unhealthy" in err, err[-2000:]

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train.chat import ChatError, ChatFormat, pack_conversations, read_chat_jsonl
+from train.data.chat import ChatError, ChatFormat, pack_conversations, read_chat_jsonl
 from train.config import load_config
 from train.data import ByteTokenizer
-from train.models import build_model, config_from_dict
+from train.models import build_model, model_config_from_dict
 from train.sft import load_init, main, sft
-from train.train import cross_entropy
+from train.step import cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=32", "model.intermediate_size=64", "seq_len=128", "global_batch=8",
@@ -111,7 +111,7 @@ def packed():
         alone["inputs"][k, :n], alone["targets"][k, :n], alone["loss_mask"][k, :n] = ids[:-1], ids[1:], reply[1:]
         alone["segment_ids"][k], alone["positions"][k] = 1, np.arange(alone["positions"].shape[1])
     batch = {k: jnp.asarray(np.concatenate([rows[k], alone[k]])) for k in rows}
-    cfg = config_from_dict({"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64,
+    cfg = model_config_from_dict({"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64,
                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                             "max_position_embeddings": 256})
     graphdef, params, rest = nnx.split(build_model(cfg, rngs=nnx.Rngs(params=0)), nnx.Param, ...)
@@ -195,20 +195,20 @@ def test_resume_continues_exactly(straight, tmp_path):
 
 
 def test_hf_export_round_trip_and_fine_tuning_from_it(straight, tmp_path):
-    from train.checkpoint import load_for_inference
-    from train.generate import CheckpointTokenizer
-    from train.hf import load_hf_checkpoint
+    from train.data import HFTokenizer
+    from train.models.hf import load_hf_checkpoint
+    from train.pretrained import load_run_dir
 
     run_dir, summary, _ = straight
     export = Path(summary["export_hf"])
     assert export == run_dir / "hf"
-    ours, _ = load_for_inference(run_dir)
+    ours, _ = load_run_dir(run_dir)
     theirs, _ = load_hf_checkpoint(export)
     tokens = jnp.asarray([BYTE_CHAT.encode_text("<|user|>\nWhat is 2 + 2?<|endoftext|>\n<|assistant|>\n")])
     np.testing.assert_array_equal(theirs(tokens), ours(tokens))
-    hf = CheckpointTokenizer(export)  # what `python -m train.generate DIR --chat` uses
+    hf = HFTokenizer.from_checkpoint(export)  # what `python -m train.generate DIR --chat` uses
     text = "Ünïcode ✓ <|endoftext|>\n"
-    assert hf.encode(text, add_special_tokens=False) == BYTE_CHAT.encode_text(text) and hf.eos_id == [256]
+    assert hf.encode(text, add_special_tokens=False) == BYTE_CHAT.encode_text(text) and hf.stop_ids == [256]
     assert "<|assistant|>" in hf.chat_template
 
     # fine-tuning from the export starts where the straight run ended (weights, tokenizer and template carried over)

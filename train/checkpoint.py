@@ -37,15 +37,21 @@ def _path_name(path) -> str:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True):
+    """The checkpoints of one run directory: save, list, and restore into given shapes and shardings."""
+
+    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True, create: bool = True):
         self.directory = Path(run_dir).resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def steps(self) -> list[int]:
+        """The saved steps, oldest first."""
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, *, params, opt_state, variables, data: dict, meta: dict) -> None:
+        """Write one step (asynchronously when so configured); an unreadable checkpoint of the same step is kept
+        aside, never overwritten."""
         if step in self.manager.all_steps():
             # only an unreadable checkpoint (skipped on resume) can hold a step we are about to write again:
             # keep it for inspection under another name rather than overwrite or delete it
@@ -60,13 +66,15 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             **args, data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, step: int, *, params, opt_state, variables) -> dict[str, Any]:
-        """Restore one step into the shapes/shardings of the given (abstract or concrete) trees."""
+    def restore(self, step: int, *, params, opt_state=None, variables=None) -> dict[str, Any]:
+        """Restore one step into the shapes/shardings of the given (abstract or concrete) trees; an item given as
+        None (e.g. the optimizer state, for inference) is not read and comes back as None."""
         trees = {"params": params, "opt_state": opt_state, "variables": variables}
-        args = {k: ocp.args.StandardRestore(abstract_like(v)) for k, v in trees.items() if jax.tree.leaves(v)}
+        args = {k: ocp.args.StandardRestore(abstract_like(v)) for k, v in trees.items()
+                if v is not None and jax.tree.leaves(v)}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             **args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        return {name: restored[name] if name in args or name in ("data", "meta") else trees[name]
+        return {name: restored[name] if name in args or name in ("data", "meta") else trees.get(name)
                 for name in ITEMS}
 
     def check_shapes(self, step: int, params) -> None:
@@ -108,41 +116,7 @@ class Checkpointer:
                 "start afresh, or fix the config if the shapes changed.")
         return None
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
+        """Wait for pending saves (raising their errors) and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def load_for_inference(run_dir: str | Path, step: int | None = None):
-    """(model, tokenizer) from a trainer run directory: its config.yaml and the params of a checkpoint (the
-    newest readable one unless `step` is given)."""
-    from flax import nnx
-
-    from train.config import load_config
-    from train.data import load_tokenizer
-    from train.train import cache_dir, model_config_for
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); pass a directory made by "
-                              "`python -m train`, or a Hugging Face checkpoint directory")
-    cfg = load_config(run_dir / "config.yaml")
-    tokenizer = load_tokenizer(cfg.data, cache_dir(cfg))
-    model_cfg = model_config_for(cfg, tokenizer)
-    from train.models import model_class
-    abstract = nnx.eval_shape(lambda: model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, variables = nnx.split(abstract, nnx.Param, ...)
-    manager = ocp.CheckpointManager(run_dir.resolve() / "checkpoints", item_names=ITEMS)
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}; train first")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), (params, variables))
-    args = {"params": ocp.args.StandardRestore(target[0])}
-    if jax.tree.leaves(target[1]):
-        args["variables"] = ocp.args.StandardRestore(target[1])
-    restored = manager.restore(step or steps[-1], args=ocp.args.Composite(**args))
-    return nnx.merge(graphdef, restored["params"], restored["variables"] if "variables" in args else variables), tokenizer

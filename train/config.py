@@ -3,8 +3,8 @@
 A run is described by nested dataclasses (`Config` and its sections). `load_config(path, overrides)` reads the
 YAML, applies `a.b.c=value` overrides (values parsed as YAML scalars), and builds the dataclasses; an unknown key
 anywhere fails with the closest valid names, a value of the wrong type names the key and the expected type.
-`model` is a Hugging Face-style model config dict (`train.models.config_from_dict` validates it); `data` is
-`train.data.DataConfig`.
+`model` is a Hugging Face-style model config dict (`train.models.model_config_from_dict` validates it). This module
+is the bottom of `train/`: it imports nothing of the project, so every other module may import it.
 """
 from __future__ import annotations
 
@@ -17,16 +17,42 @@ from typing import Any, Optional
 
 import yaml
 
-from train.data import DataConfig
-
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
 NAN_POLICIES = ("halt", "skip")
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+DATA_FORMATS = ("auto", "text", "jsonl", "tokens")
 
 
 class ConfigError(ValueError):
     """A config that cannot describe a run; the message names the key and the fix."""
+
+
+def did_you_mean(key: str, valid) -> str:
+    """The closest valid names to a mistyped `key` (or the full list), for error messages."""
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The pretraining corpus and its tokenizer (see train/data/)."""
+    source: str = "tinyshakespeare"   # bundled name ("tinyshakespeare" | "medium") or a file / directory / glob
+    format: str = "auto"              # "auto" (by extension) | "text" | "jsonl" | "tokens" (.npy ids)
+    text_field: str = "text"          # the JSONL field holding a document
+    tokenizer: str = "bpe"            # "byte" | "bpe" | "gpt2" | path to a tokenizer.json
+    vocab_size: int = 4096            # size of the trained "bpe" vocabulary
+    val_fraction: float = 0.05        # held-out share: whole documents, or the tail of a single document
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format={self.format!r}: must be one of {DATA_FORMATS}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction}: must be in (0, 1)")
+        if self.tokenizer == "bpe" and self.vocab_size <= 257:
+            raise ConfigError(f"data.vocab_size={self.vocab_size}: a byte-level BPE needs more than 257 "
+                              "(256 bytes + eos)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +150,8 @@ class Config:
     sft: SFTConfig = SFTConfig()
 
     def to_dict(self) -> dict:
+        """The plain dict that `config_from_dict` turns back into this config."""
         return dataclasses.asdict(self)
-
-
-def _closest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
-    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"valid keys: {', '.join(sorted(valid))}"
 
 
 def _check_type(where: str, value, annotation):
@@ -159,7 +181,7 @@ def _build(cls, d: dict, prefix: str):
     kwargs = {}
     for key, value in d.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key {prefix + key!r}: {_closest(key, fields)}")
+            raise ConfigError(f"unknown config key {prefix + key!r}: {did_you_mean(key, fields)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")
@@ -201,6 +223,7 @@ def set_dotted(d: dict, dotted: str, value) -> None:
 
 
 def parse_overrides(overrides) -> list[tuple[str, Any]]:
+    """[(dotted key, YAML-parsed value)] from `key=value` strings."""
     pairs = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -211,6 +234,7 @@ def parse_overrides(overrides) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(d: dict, overrides=()) -> Config:
+    """A validated run `Config` from a plain dict plus `key=value` overrides."""
     d = dict(d)
     for key, value in parse_overrides(overrides):
         set_dotted(d, key, value)

@@ -2,19 +2,19 @@
 
     python -m train.sft --config configs/sft_tiny.yaml [key=value ...] [--stop-after N]
 
-`train.train.train` runs the job, so run_dir, metrics.jsonl, TensorBoard, checkpoints, exact resume, the NaN
+`train.loop.train` runs the job, so run_dir, metrics.jsonl, TensorBoard, checkpoints, exact resume, the NaN
 policy, `optimizer.name` (muon | adamw) and `muon_clip` behave as in pretraining. What differs (`sft_inputs`):
 
-* data: `sft.train_file` (chat JSONL, see train/chat.py; `chat_tiny` is the bundled one) rendered with the chat
+* data: `sft.train_file` (chat JSONL, see train/data/chat.py; `chat_tiny` is the bundled one) rendered with the chat
   template, loss only on assistant replies and their end-of-turn token, packed with segment ids; validation on
   `sft.val_file` or a held-out `sft.val_fraction`. The validation loss is measured before the first step too
   (`initial_val_loss` in the summary), so its drop is the fine-tuning's effect on held-out replies.
-* init: `sft.init_from` is a trainer run_dir (model and tokenizer from `train.checkpoint.load_for_inference`,
+* init: `sft.init_from` is a trainer run_dir (model and tokenizer from `train.pretrained.load_run_dir`,
   default chat template) or a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json; the
   chat template, bos and eos from its tokenizer_config.json). Empty: a random init of `model` with the `data`
   tokenizer (what configs/sft_tiny.yaml does, so it runs anywhere without a pretrained model).
 * the run's config.yaml records the model and tokenizer actually used (`model` and `data` are taken from the
-  init source), so the SFT run_dir is itself a source for `python -m train.generate`, `load_for_inference` and
+  init source), so the SFT run_dir is itself a source for `python -m train.generate`, `load_pretrained` and
   another `sft.init_from`.
 * at the end, a greedy reply to `log.sample_prompt` as a user turn, and the final model exported to
   `sft.export_hf` (default run_dir/hf): safetensors, config.json, tokenizer.json and a tokenizer_config.json
@@ -37,13 +37,15 @@ import yaml
 from flax import nnx
 
 from train import data as data_lib
-from train.chat import ChatFormat, load_chat_data, make_chat_iterator, val_batches
-from train.checkpoint import load_for_inference
-from train.config import Config, ConfigError, load_config
-from train.data import DataConfig
-from train.generate import DEFAULT_CHAT_TEMPLATE, generate
+from train.cli import run_job
+from train.config import Config, ConfigError, DataConfig, load_config
+from train.data.chat import DEFAULT_CHAT_TEMPLATE, ChatFormat, load_chat_data, make_chat_iterator, val_batches
+from train.decode import generate
+from train.loop import RunInputs, train
 from train.models import state_shardings
-from train.train import RunInputs, cache_dir, train
+from train.models.hf import load_hf_checkpoint, save_hf_checkpoint
+from train.pretrained import is_hf_dir, is_run_dir, load_run_dir
+from train.runtime import cache_dir
 
 log = logging.getLogger("train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny.yaml"
@@ -74,29 +76,20 @@ def load_init(cfg: Config) -> InitSource:
     """Resolve `sft.init_from` into the model, tokenizer and chat format (see the module docstring)."""
     source = cfg.sft.init_from
     if not source:
-        tokenizer = data_lib.load_tokenizer(cfg.data, cache_dir(cfg))
+        tokenizer = data_lib.load_tokenizer(cfg.data, cache_dir())
         return InitSource(cfg, None, tokenizer, chat_format(tokenizer))
     path = Path(source).expanduser()
-    if (path / "config.yaml").is_file():
-        model, tokenizer = load_for_inference(path)
+    if is_run_dir(path):
+        model, tokenizer = load_run_dir(path)
         src = load_config(path / "config.yaml")
         cfg = dataclasses.replace(cfg, model=model.config.to_dict(), data=src.data)
         return InitSource(cfg, model, tokenizer, chat_format(tokenizer))
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        from train.generate import CheckpointTokenizer
-        from train.hf import load_hf_checkpoint
-        if not (path / "tokenizer.json").is_file():
-            raise ConfigError(f"sft.init_from={source!r} has no tokenizer.json; the chat data needs the tokenizer")
+    if is_hf_dir(path):
         model, model_cfg = load_hf_checkpoint(path, dtype=jnp.float32)  # full fine-tuning in float32
         data_cfg = DataConfig(tokenizer=str(path.resolve()))
-        tokenizer = data_lib.load_tokenizer(data_cfg, cache_dir(cfg))
-        hf = CheckpointTokenizer(path)
-        eos_token = hf.eos_token or tokenizer.tokenizer.id_to_token(tokenizer.eos_id)
-        eos_id = tokenizer.tokenizer.token_to_id(eos_token)
-        if eos_id is None:
-            raise ConfigError(f"sft.init_from={source!r}: eos_token {eos_token!r} of tokenizer_config.json is not "
-                              "in tokenizer.json")
-        chat = ChatFormat(tokenizer.encode, eos_id, eos_token, hf.bos_token, hf.chat_template)
+        tokenizer = data_lib.HFTokenizer.from_checkpoint(path)
+        chat = ChatFormat(tokenizer.encode, tokenizer.eos_id, tokenizer.eos_token, tokenizer.bos_token,
+                          tokenizer.chat_template)
         return InitSource(dataclasses.replace(cfg, model=model_cfg.to_dict(), data=data_cfg), model, tokenizer, chat)
     raise ConfigError(f"sft.init_from={source!r} is neither a trainer run_dir (config.yaml) nor a Hugging Face "
                       "checkpoint directory (config.json + *.safetensors); leave it empty for a random init")
@@ -127,7 +120,7 @@ def reply(model, init: InitSource, question: str, max_new_tokens: int) -> str:
 
 
 def sft_inputs(init: InitSource):
-    """The `inputs` argument of `train.train.train` for fine-tuning from `init`."""
+    """The `inputs` argument of `train.loop.train` for fine-tuning from `init`."""
     def inputs(cfg: Config, mesh) -> RunInputs:
         chat = load_chat_data(init.chat, train_file=cfg.sft.train_file, val_file=cfg.sft.val_file,
                               val_fraction=cfg.sft.val_fraction, seq_len=cfg.seq_len, seed=cfg.seed,
@@ -178,8 +171,7 @@ def byte_tokenizer_json(path: Path) -> None:
 
 def export_hf(run_dir: str | Path, init: InitSource, out: str | Path) -> Path:
     """The newest checkpoint of `run_dir` as a Hugging Face directory with its tokenizer and chat template."""
-    from train.hf import save_hf_checkpoint
-    model, tokenizer = load_for_inference(run_dir)
+    model, tokenizer = load_run_dir(run_dir)
     out = Path(out)
     save_hf_checkpoint(model, model.config, out)
     if isinstance(tokenizer, data_lib.ByteTokenizer):
@@ -211,13 +203,13 @@ def sft(cfg: Config, stop_after: int | None = None) -> dict:
 
 
 def main(argv=None) -> int:
+    """`python -m train.sft`: parse and fine-tune; exit status 2 on a user error."""
     parser = argparse.ArgumentParser(prog="python -m train.sft", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/sft_tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.init_from=runs/tiny")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and exit after this many steps; rerun to continue")
     args = parser.parse_args(argv)
-    from train.__main__ import run_job
     return run_job(lambda: sft(load_config(args.config, args.overrides), stop_after=args.stop_after))
 
 

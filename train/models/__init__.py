@@ -4,12 +4,12 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from train.models.config import (
+from train.models.model_config import (
     DeepseekV3Config,
     LlamaConfig,
     Qwen2Config,
-    config_from_dict,
-    config_from_hf_dict,
+    model_config_from_dict,
+    model_config_from_hf,
     param_counts,
 )
 from train.models.deepseek import DeepseekV3, ExpertBias, update_balancing_bias
@@ -26,12 +26,18 @@ def model_class(config):
     raise TypeError(f"no model for config type {type(config).__name__}; use LlamaConfig or DeepseekV3Config")
 
 
+def abstract_model(config, key=None) -> nnx.Module:
+    """The model of `config` with ShapeDtypeStructs for arrays: its structure without allocating anything."""
+    key = jax.random.key(0) if key is None else key
+    return nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(params=key)))
+
+
 def build_model(config, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES):
     """Create a randomly initialised model. With a mesh, params are created already sharded inside one jit
     (no full host copy); the same `rngs` seed gives the same weights with or without a mesh."""
     cls = model_class(config)
     key = rngs.params()
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(params=key))))
+    graphdef, abstract_state = nnx.split(abstract_model(config, key))
     shardings = None if mesh is None else state_shardings(abstract_state, mesh, rules)
     # one compiled init is also much faster than creating the stacked layers op by op
     state = jax.jit(lambda k: nnx.state(cls(config, rngs=nnx.Rngs(params=k))), out_shardings=shardings)(key)
@@ -40,6 +46,7 @@ def build_model(config, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None
 
 __all__ = [
     "DEFAULT_RULES", "DeepseekV3", "DeepseekV3Config", "ExpertBias", "Llama", "LlamaConfig", "Qwen2Config",
-    "build_model", "config_from_dict", "config_from_hf_dict", "logical_to_spec", "model_class", "param_counts",
+    "abstract_model", "build_model", "logical_to_spec", "model_class", "model_config_from_dict",
+    "model_config_from_hf", "param_counts",
     "state_shardings", "update_balancing_bias",
 ]

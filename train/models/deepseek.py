@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.models.config import DeepseekV3Config
+from train.models.model_config import DeepseekV3Config
 from train.models.layers import MLP, CausalLM, Linear, RMSNorm, apply_rope, attention, make_stack, param
 
 

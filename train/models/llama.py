@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.models.config import LlamaConfig
+from train.models.model_config import LlamaConfig
 from train.models.layers import (
     MLP,
     CausalLM,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.models import DEFAULT_RULES, config_from_hf_dict, model_class, state_shardings
+from train.models import DEFAULT_RULES, abstract_model, model_class, model_config_from_hf, state_shardings
 
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
                       "I64": np.int64, "I32": np.int32}
@@ -111,11 +111,10 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | Non
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face checkpoint directory)")
-    config = config_from_hf_dict(json.loads((path / "config.json").read_text()), dtype=jnp.dtype(dtype).name,
+    config = model_config_from_hf(json.loads((path / "config.json").read_text()), dtype=jnp.dtype(dtype).name,
                                  param_dtype=jnp.dtype(dtype).name, **overrides)
     reader = _SafetensorsReader(path)
-    cls = model_class(config)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_model(config))
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
     flat_shardings = dict(nnx.to_flat_state(shardings)) if mesh is not None else {}
     for key, var in nnx.to_flat_state(state):
@@ -137,7 +136,7 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | Non
         var.set_value(jnp.asarray(value) if mesh is None else jax.device_put(value, flat_shardings[key].get_value()))
     unused = sorted(set(reader.entries) - reader.used)
     if unused:
-        warnings.warn(f"{len(unused)} checkpoint tensors not used by {cls.__name__}, e.g. {unused[:3]}")
+        warnings.warn(f"{len(unused)} checkpoint tensors not used by {type(config).__name__}, e.g. {unused[:3]}")
     return nnx.merge(graphdef, state), config
 
 

@@ -7,7 +7,6 @@ policy and, for MoE, `capacity_factor` and `balance_rate`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any, ClassVar
 
@@ -15,15 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from train.config import did_you_mean
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "linear", "llama3")
 # Our own fields: never written to a Hugging Face config.json.
 OWN_FIELDS = ("dtype", "param_dtype", "remat", "capacity_factor", "balance_rate")
-
-
-def _closest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
-    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"valid keys: {sorted(valid)}"
 
 
 def _normalise_rope(d: dict) -> dict:
@@ -70,7 +66,7 @@ class _Config:
         valid = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in valid:
-                raise ValueError(f"unknown {cls.__name__} key {key!r}: {_closest(key, valid)}")
+                raise ValueError(f"unknown {cls.__name__} key {key!r}: {did_you_mean(key, valid)}")
         return cls._make(model_type, d)
 
     @classmethod
@@ -283,12 +279,12 @@ def _config_class(model_type):
     return CONFIG_CLASSES[model_type]
 
 
-def config_from_dict(d: dict[str, Any]) -> LlamaConfig | DeepseekV3Config:
+def model_config_from_dict(d: dict[str, Any]) -> LlamaConfig | DeepseekV3Config:
     """Strict config from our dict form; `d["model_type"]` picks the family."""
     return _config_class(d.get("model_type")).from_dict(d)
 
 
-def config_from_hf_dict(d: dict[str, Any], **overrides) -> LlamaConfig | DeepseekV3Config:
+def model_config_from_hf(d: dict[str, Any], **overrides) -> LlamaConfig | DeepseekV3Config:
     """Lenient config from a Hugging Face config.json dict; `overrides` set our own fields (e.g. dtype)."""
     return _config_class(d.get("model_type")).from_hf_dict(d, **overrides)
 

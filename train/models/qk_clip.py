@@ -45,11 +45,20 @@ def clip_factors(max_logits, tau: float):
     return jnp.where(s > tau, tau / jnp.where(s > tau, s, 1.0), 1.0)
 
 
-def qk_clip_stats(max_logits, tau: float) -> dict:
-    """Metrics for a step: the max logit seen, the bound after clipping (the max of min(S_h, tau)) and the
-    fraction of (layer, head) pairs that were clipped."""
+def attn_logit_metrics(max_logits) -> dict:
+    """The step's max attention logit, overall and per layer, from max_logits [num_layers, num_heads]."""
     s = jnp.asarray(max_logits, jnp.float32)
-    return {"max_attn_logit": s.max(), "max_attn_logit_after_clip": jnp.minimum(s, tau).max(),
+    per_layer = s.max(-1)
+    return {"max_attn_logit": per_layer.max(), "max_attn_logit_per_layer": per_layer}
+
+
+def qk_clip_stats(max_logits, tau: float) -> dict:
+    """`attn_logit_metrics` plus the bound after clipping (min(S_h, tau): a clipped head's max logit on the same
+    layer input, overall and per layer) and the fraction of (layer, head) pairs that were clipped."""
+    s = jnp.asarray(max_logits, jnp.float32)
+    after = attn_logit_metrics(jnp.minimum(s, tau))
+    return {**attn_logit_metrics(s), "max_attn_logit_after_clip": after["max_attn_logit"],
+            "max_attn_logit_per_layer_after_clip": after["max_attn_logit_per_layer"],
             "qk_clip_fraction": (s > tau).mean()}
 
 

@@ -10,7 +10,7 @@ Roles are `system`, `user` and `assistant`; any other role is an error naming `f
 that is not such an object is an error naming `file:line` (or, with `skip_bad_lines`, skipped and counted). A
 conversation without an assistant turn teaches nothing: it is skipped and counted.
 
-A conversation is rendered with a jinja2 chat template (`train.generate.render_chat`: the tokenizer's
+A conversation is rendered with a jinja2 chat template (`render_chat`: the tokenizer's
 `chat_template`, else `DEFAULT_CHAT_TEMPLATE`) turn by turn: for assistant message i, the text of messages[:i]
 with the generation prompt ends where the reply starts, and the text of messages[:i + 1] contains the reply. The
 reply's tokens, up to and including its last `eos_token` (the end of turn that makes `generate` stop), are the
@@ -32,12 +32,42 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from train.data import CORPORA, DataError, batch_iterator
-from train.generate import render_chat
+from train.data.corpus import batch_iterator
+from train.data.sources import CORPORA, DataError, hold_out
 
 ROLES = ("system", "user", "assistant")
 BUNDLED_CHAT = {"chat_tiny": CORPORA / "chat_tiny.jsonl"}
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+# The built-in chat format (used when a checkpoint has no chat_template, and by our SFT data): every message is
+# "<|role|>\n" + content + eos_token + "\n", and the generation prompt is "<|assistant|>\n". `eos_token` is
+# whatever the caller passes to `render_chat` ("" when not given): training text that ends each turn with the
+# tokenizer's eos string teaches the model to emit eos, which is where `generate` stops.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def render_chat(messages: Sequence[dict], template: str | None = None, add_generation_prompt: bool = True,
+                **variables) -> str:
+    """Render a conversation ([{"role": ..., "content": ...}, ...]) with a jinja2 chat template, the way
+    transformers' `apply_chat_template` does (sandboxed, trim_blocks, lstrip_blocks). `template=None` uses
+    DEFAULT_CHAT_TEMPLATE; `variables` (e.g. bos_token, eos_token) are passed to the template, and
+    bos_token / eos_token default to ""."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    context = {"bos_token": "", "eos_token": "", **variables}
+    return env.from_string(template or DEFAULT_CHAT_TEMPLATE).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
 
 
 class ChatError(DataError):
@@ -226,14 +256,6 @@ def val_batches(rows: dict[str, np.ndarray], batch_size: int, max_batches: int |
     return [{k: v[b * batch_size:(b + 1) * batch_size] for k, v in padded.items()} for b in range(count)]
 
 
-def split_conversations(conversations: list[Conversation], val_fraction: float):
-    """(train, val): a fixed `val_fraction` of the conversations held out (independent of the run's seed)."""
-    n_val = min(len(conversations) - 1, max(1, round(len(conversations) * val_fraction)))
-    held = set(np.random.default_rng(0).permutation(len(conversations))[:n_val].tolist())
-    return ([c for i, c in enumerate(conversations) if i not in held],
-            [c for i, c in enumerate(conversations) if i in held])
-
-
 @dataclasses.dataclass
 class ChatData:
     train: dict[str, np.ndarray]         # packed rows
@@ -253,7 +275,7 @@ def load_chat_data(fmt: ChatFormat, *, train_file: str, val_file: str = "", val_
         if len(conversations) < 2:
             raise ChatError(f"{train_file}: {len(conversations)} usable conversation(s); need at least 2 to hold "
                             "one out for validation (or give sft.val_file)")
-        train, val = split_conversations(conversations, val_fraction)
+        train, val = hold_out(conversations, val_fraction)
     if not train or not val:
         raise ChatError(f"no usable conversations in {train_file if not train else val_file}")
     train_rows, train_stats = pack_conversations(

@@ -1,0 +1,54 @@
+"""What the command-line entry points share: multi-process start-up and one-line errors for user mistakes."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+import jax
+
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+from train.data import DataError
+from train.loop import NonFiniteLoss
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLoss)
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """--coordinator / --num-processes / --process-id (or JAX_* variables), --distributed and the timeouts."""
+    parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    parser.add_argument("--num-processes", type=int, default=os.environ.get("JAX_NUM_PROCESSES"))
+    parser.add_argument("--process-id", type=int, default=os.environ.get("JAX_PROCESS_ID"))
+    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
+    parser.add_argument("--initialization-timeout", type=int, default=300,
+                        help="seconds to wait for the other processes to join before failing")
+    parser.add_argument("--heartbeat-timeout", type=int, default=100,
+                        help="seconds without a heartbeat after which a lost process fails the others")
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Join the other processes of a multi-process job, if the arguments describe one."""
+    if args.coordinator and args.num_processes and args.num_processes > 1:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   initialization_timeout=args.initialization_timeout,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def run_job(job: Callable[[], object]) -> int:
+    """Run `job()` with the trainer's logging; a user-facing error (bad config or data, unusable checkpoint,
+    non-finite loss) prints one line and exits 2 instead of a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        job()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
