@@ -40,8 +40,23 @@ def _normalise_rope(d: dict) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
+    """The fields both families share (Hugging Face names, plus our dtype/param_dtype/remat)."""
     model_type: ClassVar[str]
     architecture: ClassVar[str]
+
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # accept jnp dtypes, store names so the config stays serialisable
@@ -120,20 +135,7 @@ class LlamaConfig(_Config):
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None
     head_dim: int | None = None
-    hidden_act: str = "silu"
     max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: Any = None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    initializer_range: float = 0.02
-    bos_token_id: Any = None
-    eos_token_id: Any = None
-    pad_token_id: Any = None
-    dtype: Any = "float32"
-    param_dtype: Any = "float32"
-    remat: str = "none"
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -214,21 +216,8 @@ class DeepseekV3Config(_Config):
     qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
-    hidden_act: str = "silu"
     max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: Any = None
     rope_interleave: bool = True
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    initializer_range: float = 0.02
-    bos_token_id: Any = None
-    eos_token_id: Any = None
-    pad_token_id: Any = None
-    dtype: Any = "float32"
-    param_dtype: Any = "float32"
-    remat: str = "none"
     capacity_factor: float | None = None
     balance_rate: float = 1e-3
 
