@@ -27,6 +27,8 @@ import re
 import subprocess
 import sys
 
+from bench.cli import add_stack_arguments
+
 MODES = ("balanced", "gather")
 COLLECTIVE = re.compile(
     r"^\s*\S+ = (.*?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(",
@@ -138,11 +140,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, help="measure on this many simulated devices, in-process")
     ap.add_argument("--scaling", default="8,16,64", help="device counts for the table (subprocesses)")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--d", type=int, default=512)
-    ap.add_argument("--f", type=int, default=1536)
+    add_stack_arguments(ap, layers=8, d=512, f=1536)
     ap.add_argument("--json", action="store_true", help="with --devices: print the figures as JSON last")
-    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = ap.parse_args()
     shape = ["--layers", str(args.layers), "--d", str(args.d), "--f", str(args.f)]
 

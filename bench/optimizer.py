@@ -19,6 +19,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 import muon_jax
+from bench.cli import add_stack_arguments
 from bench.report import device_line, replace_section
 
 
@@ -76,13 +77,10 @@ def time_update(tx, params, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--d", type=int, default=1024)
-    ap.add_argument("--f", type=int, default=4096)
+    add_stack_arguments(ap, layers=4, d=1024, f=4096)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", help="parameter dtype")
-    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     args = ap.parse_args()
 
     params = llama_params(args.layers, args.d, args.f, args.vocab, jnp.dtype(args.dtype))
