@@ -6,10 +6,10 @@ import lzma
 import numpy as np
 import pytest
 
-from train.config import ConfigError, DataConfig, config_from_dict
+from train.config import ConfigError, DataConfig, config_from_dict, load_config
 from train.data import corpus as corpus_mod, tokenizers
 from train.data import (BUNDLED, ByteTokenizer, Corpus, DataError, TiktokenTokenizer, iterator_state,
-                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, read_documents,
+                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, read_documents, source_files,
                         restore_iterator, split_documents, unigram_entropy)
 
 EOS = ByteTokenizer.eos_id
@@ -212,8 +212,8 @@ def test_bundled_medium_holds_out_whole_documents_of_every_source():
 
 
 def test_bundled_tinyshakespeare_is_the_default():
-    cfg = DataConfig()
-    assert (cfg.source, cfg.tokenizer, cfg.vocab_size) == ("tinyshakespeare", "bpe", 4096)
+    cfg = load_config().data  # the README's first command: no config given
+    assert source_files(cfg) == [BUNDLED["tinyshakespeare"]] and BUNDLED["tinyshakespeare"].is_file()
     (doc,) = read_documents(BUNDLED["tinyshakespeare"], cfg)
     assert doc.startswith("First Citizen:") and len(doc) == 1_115_394
 
