@@ -40,12 +40,15 @@ NS_SCHEDULES: dict[str, tuple[tuple[Coeffs, ...], float]] = {
 
 NS_METHODS = ("auto", "standard", "gram")
 # "auto" uses Gram NS for a float32 iteration above this aspect ratio max/min, and standard NS in
-# half precision, where no restart schedule cheaper than standard NS kept Gram NS as accurate
+# half precision, where Gram NS was less accurate than standard NS at any cheaper restart schedule
 # (measured: bench/gram_ns.py, docs/benchmarks.md).
 GRAM_MIN_ASPECT = 1.5
-# Default Gram-NS restarts: every this many iterations, by iteration dtype (bench/gram_ns.py).
-GRAM_RESTART_EVERY_F32 = 3
-GRAM_RESTART_EVERY_HALF = 2
+# Default Gram-NS restart period (a restart every this many iterations) for a float32 iteration, by
+# schedule: the longest that kept gram within 1e-4 of standard NS on ill-conditioned and rank-deficient
+# matrices (bench/gram_ns.py). Polar Express's large first coefficients need shorter segments; custom
+# coefficients get the shorter period. In half precision the period is 1 (see GRAM_MIN_ASPECT).
+GRAM_RESTART_EVERY: dict[str, int] = {"moonlight": 3, "polar_express": 2}
+GRAM_RESTART_EVERY_CUSTOM = 2
 
 
 def resolve_coeffs(coeffs: CoeffsSpec, steps: int) -> tuple[tuple[Coeffs, ...], float]:
@@ -101,12 +104,13 @@ def resolve_method(method: str, shape, dtype) -> str:
     return "gram" if long > GRAM_MIN_ASPECT * short and not is_half(dtype) else "standard"
 
 
-def resolve_restarts(restarts, dtype, horizon: int) -> tuple[int, ...]:
-    """The Gram-NS restart iterations: ``restarts`` itself, or every :data:`GRAM_RESTART_EVERY_F32`
-    (float32) / :data:`GRAM_RESTART_EVERY_HALF` (half) iterations below ``horizon``."""
+def resolve_restarts(restarts, dtype, horizon: int, coeffs: CoeffsSpec = "moonlight") -> tuple[int, ...]:
+    """The Gram-NS restart iterations: ``restarts`` itself, or by default every
+    ``GRAM_RESTART_EVERY[coeffs]`` iterations below ``horizon`` (every iteration in half precision)."""
     if restarts is None:
-        every = GRAM_RESTART_EVERY_HALF if is_half(dtype) else GRAM_RESTART_EVERY_F32
-        return tuple(range(every, horizon, every))
+        every = GRAM_RESTART_EVERY.get(coeffs, GRAM_RESTART_EVERY_CUSTOM) if isinstance(coeffs, str) \
+            else GRAM_RESTART_EVERY_CUSTOM
+        return tuple(range(1 if is_half(dtype) else every, horizon, 1 if is_half(dtype) else every))
     if not isinstance(restarts, tuple) or not all(
             isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r > 0 for r in restarts):
         raise ValueError(
@@ -208,7 +212,7 @@ def newton_schulz_iterate(x, *, steps, coeffs, eps, dtype, method="standard", re
     table, norm_scale = resolve_coeffs(coeffs, int(steps) if static_steps else 0)
     steps = int(steps) if static_steps else steps
     # Default restarts for a traced step count: placed as for the table's length (at least 5 steps).
-    restarts = resolve_restarts(restarts, dtype, steps if static_steps else max(len(table), 5))
+    restarts = resolve_restarts(restarts, dtype, steps if static_steps else max(len(table), 5), coeffs)
     if static_steps:
         coeff = table.__getitem__
     else:
@@ -268,9 +272,10 @@ def newton_schulz(
         of the matrix shape exceeds :data:`GRAM_MIN_ASPECT` (the ratio above which it was faster on
         CPU), standard otherwise (in half precision Gram NS was less accurate at equal cost).
       restarts: Gram NS only: the iterations at which ``X ← Q X`` and ``R ← X Xᵀ`` are re-formed
-        (DeepSpeed and Dao-AILab use ``(2,)``). None: every :data:`GRAM_RESTART_EVERY_F32` iterations
-        in float32 (``(3,)`` for 5 steps), every :data:`GRAM_RESTART_EVERY_HALF` in half precision;
-        measured in bench/gram_ns.py (docs/benchmarks.md).
+        (DeepSpeed and Dao-AILab use ``(2,)``). None: in float32 every
+        ``GRAM_RESTART_EVERY[coeffs]`` iterations (``(3,)`` for 5 Moonlight steps, ``(2, 4)`` for
+        Polar Express), in half precision every iteration; measured in bench/gram_ns.py
+        (docs/benchmarks.md).
 
     Returns:
       An array of ``x``'s shape and dtype whose last two axes have singular values near 1.

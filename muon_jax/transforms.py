@@ -135,7 +135,7 @@ def orthogonalize(
     # Fail at construction on an unknown name (dtype may arrive as an array under inject_hyperparams).
     resolve_coeffs(coeffs, 1)
     resolve_method(method, (1, 1), jnp.float32)
-    resolve_restarts(restarts, jnp.float32, steps if isinstance(steps, int) else 5)
+    resolve_restarts(restarts, jnp.float32, 5)
     ns_axes = resolve_ns_axes(mesh, ns_axis, ns_mode)
 
     def ns(m):
