@@ -108,9 +108,9 @@ def resolve_restarts(restarts, dtype, horizon: int, coeffs: CoeffsSpec = "moonli
     """The Gram-NS restart iterations: ``restarts`` itself, or by default every
     ``GRAM_RESTART_EVERY[coeffs]`` iterations below ``horizon`` (every iteration in half precision)."""
     if restarts is None:
-        every = GRAM_RESTART_EVERY.get(coeffs, GRAM_RESTART_EVERY_CUSTOM) if isinstance(coeffs, str) \
-            else GRAM_RESTART_EVERY_CUSTOM
-        return tuple(range(1 if is_half(dtype) else every, horizon, 1 if is_half(dtype) else every))
+        named = GRAM_RESTART_EVERY.get(coeffs) if isinstance(coeffs, str) else None
+        every = 1 if is_half(dtype) else named or GRAM_RESTART_EVERY_CUSTOM
+        return tuple(range(every, horizon, every))
     if not isinstance(restarts, tuple) or not all(
             isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r > 0 for r in restarts):
         raise ValueError(

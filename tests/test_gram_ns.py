@@ -64,19 +64,22 @@ def muon_update(params, method):
 
 @pytest.mark.parametrize("coeffs", ["moonlight", "polar_express", CUSTOM])
 def test_gram_equals_standard_in_float32(coeffs):
-    mats = {**hard_matrices(), **{f"tall {k}": v.T for k, v in hard_matrices(24, 60, 1).items()},
-            **momentum_matrices()}
-    assert len(mats) >= 10
-    for name, m in mats.items():
-        standard, gram = ns32(m, coeffs, "standard"), ns32(m, coeffs, "gram")
-        assert rel(gram, standard) <= 1e-4, (name, rel(gram, standard))
-        assert rel(gram, ns64(m, coeffs)) <= 1e-4, (name, rel(gram, ns64(m, coeffs)))
+    # Same-shape matrices go in one batch (fewer compilations); errors are per matrix.
+    batches = [hard_matrices(), {f"tall {k}": v.T for k, v in hard_matrices(24, 60, 1).items()},
+               *({k: v} for k, v in momentum_matrices().items())]
+    assert sum(map(len, batches)) == 10
+    for batch in batches:
+        stacked = np.stack(list(batch.values()))
+        standard, gram = ns32(stacked, coeffs, "standard"), ns32(stacked, coeffs, "gram")
+        for name, m, s, g in zip(batch, stacked, standard, gram):
+            assert rel(g, s) <= 1e-4, (name, rel(g, s))
+            assert rel(g, ns64(m, coeffs)) <= 1e-4, (name, rel(g, ns64(m, coeffs)))
 
 
 def test_batched_restarts_and_traced_steps():
     x = jax.random.normal(jax.random.key(0), (2, 3, 16, 40))
     ref = np.stack([ns64(np.asarray(m, np.float64), "polar_express", 7) for m in x.reshape(-1, 16, 40)])
-    for restarts in [(), (2, 5), (1, 2, 3, 4, 5, 6, 9)]:  # 9: past the last step, ignored
+    for restarts in [(), (1, 2, 3, 4, 5, 6, 9)]:  # 9: past the last step, ignored
         out = ns32(x, "polar_express", "gram", steps=7, restarts=restarts)
         assert out.shape == x.shape and rel(out.reshape(ref.shape), ref) <= 1e-4, restarts
     # optax.inject_hyperparams makes ns_steps an array: the segments then run as fori_loops.
