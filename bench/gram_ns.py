@@ -142,13 +142,21 @@ def time_fn(fn, x, repeats: int) -> float:
 
 
 def aspect_timing(n: int, ratios, repeats: int) -> list[str]:
-    """Table 3 rows: float32 ms of standard vs gram (default restarts) for [n, ratio·n] matrices."""
-    rows = ["| shape | standard ms | gram ms | gram speed-up |", "|---|---|---|---|"]
+    """Table 3 rows: float32 FLOPs (cost_analysis) and ms of standard vs gram (default restarts) for
+    ``[n, ratio·n]`` matrices."""
+    rows = ["| shape | standard GFLOP | gram GFLOP | FLOP ratio | standard ms | gram ms | gram speed-up |",
+            "|---|---|---|---|---|---|---|"]
     for ratio in ratios:
         x = jax.random.normal(jax.random.key(0), (n, int(ratio * n)))
-        ms = {method: time_fn(jax.jit(lambda x, method=method: muon_jax.newton_schulz(
-            x, dtype=jnp.float32, method=method)), x, repeats) for method in ("standard", "gram")}
-        rows.append(f"| {n}×{int(ratio * n)} | {ms['standard']:.1f} | {ms['gram']:.1f} | "
+        fns = {method: jax.jit(lambda x, method=method: muon_jax.newton_schulz(x, dtype=jnp.float32, method=method))
+               for method in ("standard", "gram")}
+        flops = {}
+        for method, fn in fns.items():
+            cost = fn.lower(x).compile().cost_analysis()
+            flops[method] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+        ms = {method: time_fn(fn, x, repeats) for method, fn in fns.items()}
+        rows.append(f"| {n}×{int(ratio * n)} | {flops['standard'] / 1e9:.3g} | {flops['gram'] / 1e9:.3g} | "
+                    f"{flops['standard'] / flops['gram']:.2f}× | {ms['standard']:.1f} | {ms['gram']:.1f} | "
                     f"{ms['standard'] / ms['gram']:.2f}× |")
         print(rows[-1], flush=True)
     return rows
@@ -192,8 +200,8 @@ def training_section(run_dirs: list[Path], png: Path = ROOT / "docs" / "gram_ns_
              "|---|" + "---|" * (len(seeds) + 1)]
     for method, by_seed in sorted(final.items()):
         losses = [by_seed[s][1] for s in seeds if s in by_seed]
-        lines.append(f"| {method} | " + " | ".join(f"{by_seed[s][1]:.4f}" if s in by_seed else "–" for s in seeds)
-                     + f" | {statistics.mean(losses):.4f} |")
+        lines.append(f"| {method} | " + " | ".join(f"{by_seed[s][1]:.6f}" if s in by_seed else "–" for s in seeds)
+                     + f" | {statistics.mean(losses):.6f} |")
     step = max(st for by_seed in final.values() for st, _ in by_seed.values())
     return "\n".join([
         f"`python -m train --config configs/tiny.yaml optimizer.ns_method=METHOD seed=S steps={step}` (float32 "

@@ -120,7 +120,8 @@ def measure(label: str, params, repeats: int) -> dict:
             times = {name: [] for name in CANDIDATES}  # that was the warm-up round
     out = {}
     for name, (update, _, compile_s) in compiled.items():
-        ms, flops = statistics.median(times[name]) * 1e3, compiled_flops(update)
+        ms = statistics.median(times[name]) * 1e3 if times[name] else float("nan")  # --repeats 0: FLOPs only
+        flops = compiled_flops(update)
         out[name] = (ms, flops)
         print(f"{label:28s} {name:20s} {ms:10.1f} ms  {flops / 1e9:9.1f} GFLOP  {flops / ms / 1e6:6.1f} GFLOP/s  "
               f"FLOPs/ideal {flops / ideal:.2f}  (compile {compile_s:.1f} s)", flush=True)
@@ -133,8 +134,9 @@ def table(results) -> list[str]:
     for r in results:
         std, opt = r["rows"]["muon_jax standard"][0], r["rows"]["optax.contrib.muon"][0]
         for name, (ms, flops) in r["rows"].items():
-            lines.append(f"| {r['label']} | {name} | {ms:.1f} | {flops / 1e9:.4g} | {flops / ms / 1e6:.1f} | "
-                         f"{flops / r['ideal']:.2f} | {std / ms:.2f}× | {opt / ms:.2f}× |")
+            timed = [f"{ms:.1f}", f"{flops / 1e9:.4g}", f"{flops / ms / 1e6:.1f}", f"{flops / r['ideal']:.2f}",
+                     f"{std / ms:.2f}×", f"{opt / ms:.2f}×"]
+            lines.append(f"| {r['label']} | {name} | " + " | ".join(c.replace("nan×", "–").replace("nan", "–") for c in timed) + " |")
     return lines
 
 
@@ -159,12 +161,14 @@ def main():
             tree = llama_params(args.layers, d, f, vocab, jnp.float32)
             results.append(measure(f"{model} tree (L={args.layers}, vocab {vocab})", tree, repeats))
         doc = "\n".join([
-            f"One jitted update, float32 parameters and NS, median of {repeats} on {device_line()}. Ideal: "
+            f"One jitted update, float32 parameters and NS, median of {repeats} on {device_line()} "
+            f"(`--repeats 0`: compiled FLOPs only, not run). Ideal: "
             "per matrix the cheaper of standard NS and restart-free Gram NS (dense GEMMs); the FLOPs also "
             "count the elementwise work (momentum, Adam, scaling).", "", *table(results)])
         print("\n" + doc, flush=True)
         if args.write:  # after every model, so a long run leaves its finished part in the doc
-            replace_section("docs/benchmarks.md", "bench/optimizer.py", doc)
+            key = "bench/optimizer.py" + ("" if repeats else " --repeats 0")
+            replace_section("docs/benchmarks.md", key, doc)
 
 
 if __name__ == "__main__":
