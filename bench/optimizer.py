@@ -161,8 +161,9 @@ def main():
             tree = llama_params(args.layers, d, f, vocab, jnp.float32)
             results.append(measure(f"{model} tree (L={args.layers}, vocab {vocab})", tree, repeats))
         doc = "\n".join([
-            f"One jitted update, float32 parameters and NS, median of {repeats} on {device_line()} "
-            f"(`--repeats 0`: compiled FLOPs only, not run). Ideal: "
+            (f"One jitted update, float32 parameters and NS, median of {repeats} on {device_line()}. "
+             if repeats else f"FLOPs of the compiled update only (`--repeats 0`: not run), {device_line()}. ")
+            + "Ideal: "
             "per matrix the cheaper of standard NS and restart-free Gram NS (dense GEMMs); the FLOPs also "
             "count the elementwise work (momentum, Adam, scaling).", "", *table(results)])
         print("\n" + doc, flush=True)

@@ -92,9 +92,10 @@ def muon(
       ns_coeffs, ns_steps, ns_eps, ns_dtype: see :func:`muon_jax.newton_schulz`. Under
         ``optax.inject_hyperparams`` pass dtypes as ``jnp.dtype(...)`` instances (scalar types such as
         ``jnp.float32`` are callable and would be taken for schedules) or list them in ``static_args``.
-      ns_method: ``"auto"`` (Gram Newton–Schulz for matrices whose aspect ratio exceeds
-        :data:`muon_jax.GRAM_MIN_ASPECT`, standard NS for the rest: same result, fewer FLOPs),
-        ``"standard"`` or ``"gram"``; see :func:`muon_jax.newton_schulz`.
+      ns_method: ``"auto"`` (Gram Newton–Schulz in float32 for matrices whose aspect ratio exceeds
+        :data:`muon_jax.GRAM_MIN_ASPECT`: same result, fewer FLOPs; standard NS for the rest and in
+        bf16/f16, where Gram NS measured less accurate), ``"standard"`` or ``"gram"``; see
+        :func:`muon_jax.newton_schulz`.
       ns_restarts: Gram NS restart iterations (a tuple), None for the measured default.
       lr_scale: ``"moonlight"`` | ``"spectral"`` | ``"none"`` | callable, see :func:`muon_jax.scale_by_shape`.
       weight_decay: ``λ`` for Muon leaves (multiplied by the learning rate).
