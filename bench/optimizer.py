@@ -141,7 +141,8 @@ def table(results) -> list[str]:
         for name, (ms, flops) in r["rows"].items():
             timed = [f"{ms:.1f}", f"{flops / 1e9:.4g}", f"{flops / ms / 1e6:.1f}", f"{flops / r['ideal']:.2f}",
                      f"{std / ms:.2f}×", f"{opt / ms:.2f}×"]
-            lines.append(f"| {r['label']} | {name} | " + " | ".join(c.replace("nan×", "–").replace("nan", "–") for c in timed) + " |")
+            cells = [c.replace("nan×", "–").replace("nan", "–") for c in timed]  # --repeats 0: not timed
+            lines.append(f"| {r['label']} | {name} | " + " | ".join(cells) + " |")
     return lines
 
 
