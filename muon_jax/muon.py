@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from muon_jax.distributed import NsAxis
-from muon_jax.newton_schulz import CoeffsSpec
+from muon_jax.newton_schulz import CoeffsSpec, require_matrix
 from muon_jax.transforms import MatrixAxes, orthogonalize, scale_by_momentum, scale_by_shape
 
 LABELS = ("muon", "adam")
@@ -36,10 +36,8 @@ def _checked_labels(labels) -> Callable[[Any], Any]:
             where = jax.tree_util.keystr(path) or "<root>"
             if label not in LABELS:
                 raise ValueError(f"Label {label!r} at {where} is not one of {LABELS}.")
-            if label == "muon" and jnp.ndim(x) < 2:
-                raise ValueError(
-                    f"The leaf at {where} (shape {jnp.shape(x)}) is labelled 'muon' but has ndim < 2; "
-                    "Muon orthogonalises matrices. Label it 'adam'.")
+            if label == "muon":
+                require_matrix(jnp.shape(x), f"The leaf at {where}, labelled 'muon',", "Label it 'adam'.")
             return label
         return jax.tree_util.tree_map_with_path(check, tree, params)
     return label_fn
@@ -67,6 +65,8 @@ def muon(
     mesh: Optional[jax.sharding.Mesh] = None,
     ns_axis: NsAxis = None,
     ns_mode: str = "balanced",
+    ns_method: str = "auto",
+    ns_restarts: Optional[tuple[int, ...]] = None,
 ) -> optax.GradientTransformation:
     r"""Muon as in Moonlight (Liu et al. 2025, *Muon is Scalable for LLM Training*, arXiv 2502.16982).
 
@@ -92,6 +92,11 @@ def muon(
       ns_coeffs, ns_steps, ns_eps, ns_dtype: see :func:`muon_jax.newton_schulz`. Under
         ``optax.inject_hyperparams`` pass dtypes as ``jnp.dtype(...)`` instances (scalar types such as
         ``jnp.float32`` are callable and would be taken for schedules) or list them in ``static_args``.
+      ns_method: ``"auto"`` (Gram Newton–Schulz in float32 for matrices whose aspect ratio exceeds
+        :data:`muon_jax.GRAM_MIN_ASPECT`: same result, fewer FLOPs; standard NS for the rest and in
+        bf16/f16, where Gram NS measured less accurate), ``"standard"`` or ``"gram"``; see
+        :func:`muon_jax.newton_schulz`.
+      ns_restarts: Gram NS restart iterations (a tuple), None for the measured default.
       lr_scale: ``"moonlight"`` | ``"spectral"`` | ``"none"`` | callable, see :func:`muon_jax.scale_by_shape`.
       weight_decay: ``λ`` for Muon leaves (multiplied by the learning rate).
       adam_learning_rate: defaults to ``learning_rate``.
@@ -119,7 +124,8 @@ def muon(
     muon_tx = optax.chain(
         scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
         orthogonalize(steps=ns_steps, coeffs=ns_coeffs, eps=ns_eps, dtype=ns_dtype,
-                      matrix_axes=matrix_axes, mesh=mesh, ns_axis=ns_axis, ns_mode=ns_mode),
+                      matrix_axes=matrix_axes, mesh=mesh, ns_axis=ns_axis, ns_mode=ns_mode,
+                      method=ns_method, restarts=ns_restarts),
         scale_by_shape(lr_scale, matrix_axes=matrix_axes),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import optax
 
 from muon_jax.distributed import NsAxis, orthogonalize_sharded, resolve_ns_axes
-from muon_jax.newton_schulz import CoeffsSpec, newton_schulz_iterate, resolve_coeffs
+from muon_jax.newton_schulz import (CoeffsSpec, newton_schulz_iterate, require_matrix, resolve_coeffs,
+                                    resolve_method, resolve_restarts)
 
 MatrixAxes = Union[None, Any, Callable[[Any], Any]]
 LR_SCALES = ("moonlight", "spectral", "none")
+NOT_A_MATRIX_FIX = "Label it 'adam' (muon(labels=...)) or reshape it into a matrix."
 
 
 def _is_masked(x) -> bool:
@@ -33,10 +35,7 @@ def _is_masked(x) -> bool:
 def matrix_axes_of(path, x, axes) -> tuple[int, int]:
     """The two non-negative matrix axes of leaf ``x`` (``axes`` None means the last two)."""
     where = jax.tree_util.keystr(path) or "<root>"
-    if x.ndim < 2:
-        raise ValueError(
-            f"Muon needs matrices, but the leaf at {where} has shape {x.shape} (ndim {x.ndim} < 2). "
-            "Label it 'adam' (muon(labels=...)) or reshape it into a matrix.")
+    require_matrix(x.shape, f"The leaf at {where}", NOT_A_MATRIX_FIX)
     rows, cols = (-2, -1) if axes is None else axes
     rows, cols = rows % x.ndim, cols % x.ndim
     if rows == cols:
@@ -112,6 +111,8 @@ def orthogonalize(
     mesh: Optional[jax.sharding.Mesh] = None,
     ns_axis: NsAxis = None,
     ns_mode: str = "balanced",
+    method: str = "standard",
+    restarts: Optional[tuple[int, ...]] = None,
 ) -> optax.GradientTransformation:
     r"""Replaces each matrix ``M`` of the updates by ``NS(M) ≈ U Vᵀ`` (``M = U S Vᵀ``).
 
@@ -124,17 +125,23 @@ def orthogonalize(
     giving each matrix to exactly one device (``"balanced"``); see :mod:`muon_jax.distributed`.
 
     Args:
-      steps, coeffs, eps, dtype: as in :func:`muon_jax.newton_schulz`.
+      steps, coeffs, eps, dtype, method, restarts: as in :func:`muon_jax.newton_schulz`
+        (``method="auto"`` picks per matrix shape).
       matrix_axes: which two axes form the matrix; see the module docstring.
       mesh: the ``jax.sharding.Mesh`` the updates are sharded on; None: single-device semantics.
       ns_axis: a mesh axis name or a tuple of names to spread NS over.
       ns_mode: one of :data:`muon_jax.NS_MODES`.
     """
-    resolve_coeffs(coeffs, 1)  # fail at construction on an unknown name
+    # Fail at construction on an unknown name (dtype may arrive as an array under inject_hyperparams).
+    resolve_coeffs(coeffs, 1)
+    resolve_method(method, (1, 1), jnp.float32)
+    resolve_restarts(restarts, jnp.float32, 5)
     ns_axes = resolve_ns_axes(mesh, ns_axis, ns_mode)
 
     def ns(m):
-        return newton_schulz_iterate(m, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype)
+        # The method is bound here, so distributed NS (which batches same-shape matrices) runs it too.
+        return newton_schulz_iterate(m, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype, method=method,
+                                     restarts=restarts)
 
     def orthogonalize_leaf(x, axes):
         return jnp.moveaxis(ns(jnp.moveaxis(x, axes, (-2, -1))), (-2, -1), axes)

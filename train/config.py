@@ -69,6 +69,7 @@ class OptimizerConfig:
     ns_steps: int = 5
     ns_coeffs: str = "moonlight"
     ns_dtype: str = "bfloat16"
+    ns_method: str = "auto"              # Newton–Schulz: "auto" | "standard" | "gram" (muon_jax.muon)
     lr_scale: str = "moonlight"
     ns_mode: str = "balanced"            # distributed Muon when params are sharded: "balanced" | "gather"
     grad_clip: float = 1.0               # global-norm clip; 0 disables

@@ -34,8 +34,8 @@ def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh) -> optax.Grad
     else:
         tx = muon_jax.muon(schedule, momentum=o.momentum, nesterov=o.nesterov, ns_coeffs=o.ns_coeffs,
                            ns_steps=o.ns_steps, ns_dtype=jnp.dtype(o.ns_dtype), lr_scale=o.lr_scale,
-                           weight_decay=o.weight_decay, adam_b1=o.b1, adam_b2=o.b2, adam_eps=o.eps,
-                           **distributed_muon_args(cfg, mesh))
+                           ns_method=o.ns_method, weight_decay=o.weight_decay, adam_b1=o.b1, adam_b2=o.b2,
+                           adam_eps=o.eps, **distributed_muon_args(cfg, mesh))
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx
 
 
