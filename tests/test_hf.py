@@ -9,7 +9,7 @@ import transformers
 
 from train.models.hf import load_hf_checkpoint, save_hf_checkpoint
 
-FAMILIES = ["llama", "qwen2", "deepseek_v3", "deepseek_v3_qlora"]  # see conftest.hf_config
+FAMILIES = ["llama", "qwen2", "deepseek_v3", "deepseek_v3_qlora", "deepseek_v3_yarn"]  # see conftest.hf_config
 VOCAB = 97
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, size=(2, 12))
 
@@ -30,7 +30,7 @@ def test_parity_and_export_round_trip(family, tmp_path, reference_model):
     ref_model.save_pretrained(tmp_path / "hf")
 
     model, config = load_hf_checkpoint(tmp_path / "hf", dtype=jnp.float32)
-    assert config.model_type == family.split("_qlora")[0]
+    assert config.model_type == family.split("_qlora")[0].split("_yarn")[0]
     assert relative_error(model(jnp.asarray(TOKENS)), ref) <= 1e-4
 
     # export (forced into several shards + index) and let transformers read it back
@@ -38,6 +38,28 @@ def test_parity_and_export_round_trip(family, tmp_path, reference_model):
     assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
     assert relative_error(reference_logits(reloaded), ref) <= 1e-4
+
+
+def test_yarn_rope_parity_beyond_original_length(tmp_path, reference_model):
+    """yarn (DeepSeek-V3's rope_scaling) at positions 0..39, five times original_max_position_embeddings=8:
+    logits equal transformers'; without the scaling they would not (so the test sees the yarn terms)."""
+    import dataclasses
+
+    import jax
+
+    ref_model = reference_model("deepseek_v3_yarn")
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=(1, 40))
+    with torch.no_grad():
+        ref = ref_model(torch.tensor(tokens)).logits.numpy()
+    ref_model.save_pretrained(tmp_path)
+    model, config = load_hf_checkpoint(tmp_path)
+    assert config.rope_scaling["rope_type"] == "yarn"
+    assert relative_error(model(jnp.asarray(tokens)), ref) <= 1e-4
+    from flax import nnx
+    from train.models import abstract_model
+    plain = nnx.merge(nnx.graphdef(abstract_model(dataclasses.replace(config, rope_scaling=None))),
+                      nnx.state(model))
+    assert relative_error(jax.jit(lambda m, t: m(t))(plain, jnp.asarray(tokens)), ref) > 1e-2
 
 
 def test_load_errors_name_the_problem(tmp_path, reference_model):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.models.model_config import DeepseekV3Config
+from train.models.model_config import DeepseekV3Config, yarn_mscale
 from train.models.layers import MLP, CausalLM, Linear, RMSNorm, apply_rope, attention, make_stack, param
 
 
@@ -19,6 +19,15 @@ class ExpertBias(nnx.Variable):
     """The auxiliary-loss-free balancing bias: used for expert selection only, updated outside the gradient.
 
     Not an `nnx.Param`, so optimizers and `nnx.grad(..., wrt=nnx.Param)` never touch it."""
+
+
+def softmax_mscale(config: DeepseekV3Config) -> float:
+    """DeepSeek-V3's extra softmax temperature under scaled rope: mscale(factor, mscale_all_dim)**2 (1 without
+    mscale_all_dim), applied to the logits scale whenever a rope scaling is configured, as transformers does."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", "default") == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    return yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
 
 class MLAttention(nnx.Module):
@@ -43,7 +52,7 @@ class MLAttention(nnx.Module):
         self.kv_b_proj = Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads"), c,
                                 rngs=rngs)
         self.o_proj = Linear(h * c.v_head_dim, d, ("heads", "embed"), c, rngs=rngs, bias=bias)
-        self.scale = c.qk_head_dim ** -0.5
+        self.scale = c.qk_head_dim ** -0.5 * softmax_mscale(c)
 
     def __call__(self, x, segment_ids, rope, with_aux):
         b, t, _ = x.shape

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.models.model_config import rope_inv_freq
+from train.models.model_config import rope_attention_factor, rope_inv_freq
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", stddev=0.02) -> nnx.Param:
@@ -71,9 +71,10 @@ def segment_positions(segment_ids):
 
 
 def rope_angles(config, rotary_dim, positions):
-    """(cos, sin) [B, T, rotary_dim // 2] in float32."""
+    """(cos, sin) [B, T, rotary_dim // 2] in float32 (times yarn's attention factor, as transformers does)."""
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config, rotary_dim))
-    return jnp.cos(angles), jnp.sin(angles)
+    factor = rope_attention_factor(config)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
 def apply_rope(x, cos, sin, interleaved=False):
