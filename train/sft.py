@@ -87,9 +87,10 @@ def load_init(cfg: Config) -> InitSource:
     if is_hf_dir(path):
         model, model_cfg = load_hf_checkpoint(path, dtype=jnp.float32)  # full fine-tuning in float32
         data_cfg = DataConfig(tokenizer=str(path.resolve()))
-        tokenizer = data_lib.HFTokenizer.from_checkpoint(path)
-        chat = ChatFormat(tokenizer.encode, tokenizer.eos_id, tokenizer.eos_token, tokenizer.bos_token,
-                          tokenizer.chat_template)
+        tokenizer = data_lib.checkpoint_tokenizer(path)
+        turn_end = getattr(tokenizer, "turn_end", tokenizer.eos_token)  # Moonlight: <|im_end|> ends a reply
+        turn_end_id = tokenizer.encode(turn_end)[0] if turn_end != tokenizer.eos_token else tokenizer.eos_id
+        chat = ChatFormat(tokenizer.encode, turn_end_id, turn_end, tokenizer.bos_token, tokenizer.chat_template)
         return InitSource(dataclasses.replace(cfg, model=model_cfg.to_dict(), data=data_cfg), model, tokenizer, chat)
     raise ConfigError(f"sft.init_from={source!r} is neither a trainer run_dir (config.yaml) nor a Hugging Face "
                       "checkpoint directory (config.json + *.safetensors); leave it empty for a random init")
@@ -169,6 +170,20 @@ def byte_tokenizer_json(path: Path) -> None:
     tok.save(str(path))
 
 
+def keep_remote_code_entries(source: Path, out: Path) -> None:
+    """Carry the source config.json's `auto_map` (and the code files it names, copied, never run here) into the
+    exported config.json, so the export loads wherever the source did, with or without trust_remote_code."""
+    import shutil
+    src = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+    if not src.get("auto_map"):
+        return
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "auto_map": src["auto_map"]}, indent=2))
+    for file in {v.split(".")[0] + ".py" for v in src["auto_map"].values() if isinstance(v, str)}:
+        if (source / file).is_file():
+            shutil.copyfile(source / file, out / file)
+
+
 def export_hf(run_dir: str | Path, init: InitSource, out: str | Path) -> Path:
     """The newest checkpoint of `run_dir` as a Hugging Face directory with its tokenizer and chat template."""
     model, tokenizer = load_run_dir(run_dir)
@@ -176,6 +191,10 @@ def export_hf(run_dir: str | Path, init: InitSource, out: str | Path) -> Path:
     save_hf_checkpoint(model, model.config, out)
     if isinstance(tokenizer, data_lib.ByteTokenizer):
         byte_tokenizer_json(out / "tokenizer.json")
+    elif isinstance(tokenizer, data_lib.TiktokenDirTokenizer):  # Moonlight's format back: tiktoken.model etc.
+        tokenizer.save(out, init.chat.template)
+        keep_remote_code_entries(tokenizer.path, out)
+        return out
     elif isinstance(tokenizer, data_lib.HFTokenizer):
         tokenizer.tokenizer.save(str(out / "tokenizer.json"))
     else:
