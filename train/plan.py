@@ -4,8 +4,8 @@
     python -m train.plan path/to/Moonlight-16B-A3B-Instruct --devices 64 --device-memory 95 --seq-len 4096
 
 CONFIG is a trainer YAML (its model, seq_len, global_batch, grad_accum, optimizer) or a Hugging Face checkpoint
-directory / config.json (fine-tuned as `train.sft` does it: float32 params, Muon; --seq-len/--global-batch set the
-batch). Every (data, fsdp, expert) factorisation of N (tensor=1) is costed, or only `--mesh data=..,fsdp=..`.
+directory / config.json (fine-tuned as `train.sft model.remat=full` does it: float32 params and compute, Muon;
+--seq-len/--global-batch set the batch). Every (data, fsdp, expert) factorisation of N (tensor=1) is costed, or only `--mesh data=..,fsdp=..`.
 
 Per device: params and grads (each param's shard under DEFAULT_RULES, exactly as the trainer lays them out),
 optimizer state (Muon: one momentum buffer per matrix; its AdamW branch, for embeddings / norms / biases: two),
@@ -110,7 +110,7 @@ def load_job(path: str, overrides: list[str], seq: int | None, batch: int | None
     p = Path(path)
     if p.is_dir() or p.suffix == ".json":
         hf = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-        model_cfg = model_config_from_hf(hf, dtype="bfloat16", param_dtype="float32", remat="full")
+        model_cfg = model_config_from_hf(hf, dtype="float32", param_dtype="float32", remat="full")  # as train.sft
         return model_cfg, seq or 4096, batch or 8, 1, "muon"
     cfg = load_config(p, overrides)
     model_cfg = model_config_from_dict({"vocab_size": 50257, **cfg.model})
