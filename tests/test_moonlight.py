@@ -168,3 +168,10 @@ def test_sft_export_reload_and_generate(moonlight_dir, tmp_path):
 def render_prompt(tokenizer, question):
     from train.data.chat import render_chat
     return render_chat([{"role": "user", "content": question}], tokenizer.chat_template, True)
+
+
+if __name__ == "__main__":  # `python tests/test_moonlight.py DIR` writes the tiny fixture for the README's commands
+    import sys
+
+    from conftest import make_reference_model
+    print(write_moonlight_dir(Path(sys.argv[1]), make_reference_model("moonlight_tiny")))
