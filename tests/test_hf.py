@@ -62,6 +62,28 @@ def test_yarn_rope_parity_beyond_original_length(tmp_path, reference_model):
     assert relative_error(jax.jit(lambda m, t: m(t))(plain, jnp.asarray(tokens)), ref) > 1e-2
 
 
+def test_block_reads_equal_whole_reads(tmp_path, reference_model, monkeypatch):
+    """With a 256-byte read block every tensor is read in many row blocks (lm_head transposed on the way, the
+    shard unmapped between blocks): the model is the same as read whole, on one device and on a mesh."""
+    import jax
+
+    import train.models.hf as hf
+
+    reference_model("deepseek_v3").save_pretrained(tmp_path)
+    whole, _ = load_hf_checkpoint(tmp_path)
+    monkeypatch.setattr(hf, "READ_CHUNK", 256)
+    blocks, _ = load_hf_checkpoint(tmp_path)
+    sharded, _ = load_hf_checkpoint(tmp_path, mesh=jax.make_mesh((2, 2, 2), ("fsdp", "tensor", "expert")))
+    for a, b, c in zip(*(jax.tree.leaves(nnx_state(m)) for m in (whole, blocks, sharded))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def nnx_state(model):
+    from flax import nnx
+    return nnx.state(model)
+
+
 def test_load_errors_name_the_problem(tmp_path, reference_model):
     reference_model("qwen2").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -31,7 +31,8 @@ from safetensors.numpy import save_file
 
 from train.models import DEFAULT_RULES, abstract_model, model_class, model_config_from_hf, state_shardings
 
-SUPPORTED_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32")
+SUPPORTED_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}  # name -> bytes per element
+READ_CHUNK = 64 * 2**20  # bytes of a mapping touched before it is unmapped again (big tensors are read in blocks)
 _FUSED_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -83,7 +84,7 @@ class _Shards:
     def _slice(self, name):
         file, dtype, _ = self.entries[name]
         if dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype}; supported: {list(SUPPORTED_DTYPES)}")
+            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype}; supported: {sorted(SUPPORTED_DTYPES)}")
         if file != self._open_file:  # close the previous shard first: one mapping at a time
             self.close()
             self._handle = safe_open(file, framework="numpy").__enter__()
@@ -99,6 +100,28 @@ class _Shards:
         w = self._slice(tensor)[expert]
         w = w if proj == "down" else np.split(w, 2, axis=0)[proj == "up"]
         return w[index]
+
+    def read_into(self, name: str, index: tuple, dest: np.ndarray, transpose: bool) -> None:
+        """dest[...] = tensor[index] (transposed if asked), in row blocks of about READ_CHUNK bytes with the shard
+        unmapped after each, so a big tensor never has more than one block of its pages resident."""
+        shape = self.shape(name)
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        rows = range(*index[0].indices(shape[0])) if shape else range(1)
+        row_bytes = math.prod(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:])) * SUPPORTED_DTYPES.get(
+            self.entries[self.stored_name(name)][1], 8)
+        step = max(1, READ_CHUNK // max(row_bytes, 1))
+        if len(rows) <= step or self._fused(name) is not None or rows.step != 1:
+            part = self.read(name, index)
+            dest[...] = part.T if transpose else part
+            return
+        for start in range(0, len(rows), step):
+            block = self.read(name, (slice(rows.start + start, rows.start + min(start + step, len(rows))),
+                                     *index[1:]))
+            if transpose:
+                dest[..., start:start + len(block)] = block.T
+            else:
+                dest[start:start + len(block)] = block
+            self.close()
 
     def close(self):
         if self._handle is not None:
@@ -151,16 +174,23 @@ def _param_source(shards: _Shards, key, var, config, path: Path):
     def read_part(index):
         ranges = [range(*s.indices(n)) for s, n in zip(index[:n_lead], lead)]
         inner_index = index[n_lead:][::-1] if transpose else index[n_lead:]
-        out = None
+        shape = [len(range(*s.indices(n))) for s, n in zip(index, var.shape)]
+        out = _aligned_empty(shape, var.dtype)  # param_dtype, but float32 for the router and balancing bias
+        flat = out.reshape(-1, *shape[n_lead:])
         for pos, idx in enumerate(np.ndindex(*map(len, ranges))):
-            part = shards.read(names[tuple(r[i] for r, i in zip(ranges, idx))], inner_index)
-            part = part.T if transpose else part
-            if out is None:  # param_dtype, but float32 for the router and balancing bias
-                out = np.empty((math.prod(map(len, ranges)), *part.shape), var.dtype)
-            out[pos] = part
-        return out.reshape(*map(len, ranges), *out.shape[1:])
+            shards.read_into(names[tuple(r[i] for r, i in zip(ranges, idx))], inner_index, flat[pos], transpose)
+        return out
 
     return read, set(names.values())
+
+
+def _aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
+    """An uninitialised page-aligned array: the CPU backend can then adopt it as the device buffer instead of
+    copying it (the host copy of a param would otherwise double its memory while it is placed)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def load_hf_checkpoint(path, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES,
