@@ -4,7 +4,7 @@
     python -m bench.hf_load [--write-docs]
 
 A random float32 Llama checkpoint (~1.1 GB, 5 shards of <= 256 MB) is written once to a temp dir; each loader then
-runs in a fresh process that reports its RSS after importing jax (baseline) and its peak RSS (ru_maxrss) after
+runs in a fresh process that reports its RSS after importing jax and the loader (baseline) and its peak RSS (ru_maxrss) after
 the load. "beyond model" = peak - baseline - model bytes: the loader's transient host memory, which the
 requirement bounds by one shard.
 """
@@ -28,12 +28,12 @@ import importlib.util, json, resource, sys
 import jax, jax.numpy as jnp
 jnp.zeros(1).block_until_ready()
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096
-base = rss()
 if sys.argv[2] == 'old':
     spec = importlib.util.spec_from_file_location('old_hf', sys.argv[3])
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 else:
     import train.models.hf as module
+base = rss()  # after imports: the loader's code and libraries are not memory the load holds
 model, _ = module.load_hf_checkpoint(sys.argv[1], dtype=jnp.float32)
 jax.block_until_ready(jax.tree.leaves(__import__('flax').nnx.state(model)))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
