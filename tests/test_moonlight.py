@@ -128,6 +128,7 @@ def test_chat_rendering_equals_jinja2(moonlight_dir):
     assert tokenizer.encode(ours) == reference_encoding(moonlight_dir).encode(expected, allowed_special="all")
 
 
+@pytest.mark.slow
 def test_sft_export_reload_and_generate(moonlight_dir, tmp_path):
     """SFT 20 Muon steps from the Moonlight-format dir, export, reload (us and transformers without remote code):
     same logits, and greedy tokens equal transformers' generate."""
