@@ -31,6 +31,23 @@ def hf_config(family):
             n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
             routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
             v_head_dim=12, tie_word_embeddings=False),
+        # DeepSeek-V3's yarn rope (with mscale != mscale_all_dim, so both the cos/sin factor and the softmax
+        # mscale are exercised), trained length 8, used up to 64
+        "deepseek_v3_yarn": lambda: transformers.DeepseekV3Config(
+            **SMALL, num_key_value_heads=4, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4,
+            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16,
+            q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 8}),
+        # Moonlight-16B-A3B's structure, tiny: MLA without q-LoRA, interleaved rope, 1 dense layer, sigmoid noaux_tc
+        # routing without groups, 2 shared experts; vocab = 512 ranks + Moonlight's 256 special slots
+        "moonlight_tiny": lambda: transformers.DeepseekV3Config(
+            **{**SMALL, "vocab_size": 768, "max_position_embeddings": 256}, num_key_value_heads=4,
+            moe_intermediate_size=16, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=3, n_group=1,
+            topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.446, kv_lora_rank=16, q_lora_rank=None,
+            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, tie_word_embeddings=False, bos_token_id=512,
+            eos_token_id=513, rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
         # DeepSeek-V3 proper: q_lora, no groups, no normalisation, non-interleaved rope, attention bias
         "deepseek_v3_qlora": lambda: transformers.DeepseekV3Config(
             **SMALL, num_key_value_heads=4, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4,

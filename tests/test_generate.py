@@ -58,8 +58,9 @@ def test_greedy_equals_recomputed_argmax(name, tiny_model):
     assert generate(model, PROMPT, max_new_tokens=20, eos_id=[63, tokens[stop_at]]) == tokens[:stop_at]
 
 
-def test_cached_decode_logits_equal_full_forward(tiny_model):
-    model = tiny_model("qwen2_bias_gqa")
+@pytest.mark.parametrize("name", ["qwen2_bias_gqa", "deepseek_v3"])
+def test_cached_decode_logits_equal_full_forward(name, tiny_model):
+    model = tiny_model(name)
     ids = jnp.asarray([PROMPT + [1, 2, 3, 4, 5]])
     full = model(ids)
     decode = nnx.jit(lambda m, tokens, cache, index: m.decode(tokens, cache, index))
@@ -71,7 +72,7 @@ def test_cached_decode_logits_equal_full_forward(tiny_model):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5 * float(abs(full).max()))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "deepseek_v3", "deepseek_v3_qlora", "deepseek_v3_yarn"])
 def test_greedy_matches_transformers_generate(family, tmp_path, reference_model):
     ref = reference_model(family)
     ref.generation_config.eos_token_id = None  # run the full length on both sides
@@ -82,6 +83,8 @@ def test_greedy_matches_transformers_generate(family, tmp_path, reference_model)
     with torch.no_grad():
         expected = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12)[0, len(prompt):]
     assert generate(model, prompt, max_new_tokens=12) == expected.tolist()
+    if family.startswith("deepseek"):  # the recompute path (what the latent cache replaced) agrees too
+        assert generate(model, prompt, max_new_tokens=12, cache=False) == expected.tolist()
 
 
 def test_sampling_is_deterministic_and_tiny_top_p_is_greedy(tiny_model):

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"config": ["train.config"], "package": []},  # train/__init__.py, matched by name only
     {"data": ["train.data"], "models": ["train.models"]},
-    {"runtime": ["train.runtime"], "mfu": ["train.mfu"], "plot": ["train.plot"]},
+    {"runtime": ["train.runtime"], "mfu": ["train.mfu"], "plot": ["train.plot"], "plan": ["train.plan"]},
     {"optim": ["train.optim"], "checkpoint": ["train.checkpoint"], "step": ["train.step"],
      "decode": ["train.decode"], "metrics": ["train.metrics"]},
     {"pretrained": ["train.pretrained"]},

@@ -3,11 +3,13 @@
     tokens = generate(model, prompt_ids, max_new_tokens=64)                        # greedy
     tokens = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.95, rng=jax.random.key(1))
 
-Dense Llama / Qwen2 models decode with a KV cache: the prompt is prefilled in one call (right-padded to a
-power-of-two bucket), then each new token is one jitted step over a fixed-size cache, so a cache size compiles
-once and every step of every prompt that fits it reuses the same executable. DeepSeek-V3 (MLA/MoE) has no cache
-here: each step recomputes the full forward over the prompt + generated tokens, right-padded to a power-of-two
-bucket so it compiles once per bucket. Causal attention makes right padding invisible to the real positions.
+Models decode with a cache (Llama / Qwen2: keys and values; DeepSeek-V3: MLA's compressed latent c_kv and the
+shared rope key): the prompt is prefilled in one call (right-padded to a power-of-two bucket), then each new
+token is one jitted step over a fixed-size cache, so a cache size compiles once and every step of every prompt
+that fits it reuses the same executable. `cache=False` instead recomputes the full forward over the prompt +
+generated tokens at each step, right-padded to a power-of-two bucket so it compiles once per bucket (the
+reference path, and what bench/decode.py compares against). Causal attention makes right padding invisible to
+the real positions.
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from train.models import Llama
 
 MIN_BUCKET = 16
 
@@ -45,7 +45,7 @@ def sample_token(logits, rng, temperature, top_p, *, greedy: bool):
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy",), donate_argnums=(2,))
 def _cached_step(graphdef, state, cache, tokens, index, last, rng, temperature, top_p, *, greedy):
-    """Llama decode step: tokens [1, T] at positions index.. -> (token sampled after position index + last, cache)."""
+    """Cached decode step: tokens [1, T] at positions index.. -> (token sampled after position index + last, cache)."""
     logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, index)
     return sample_token(logits[0, last], rng, temperature, top_p, greedy=greedy), cache
 
@@ -63,13 +63,14 @@ def _padded(ids: Sequence[int], length: int):
 
 def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, rng=None, eos_id: int | Iterable[int] | None = None,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None, cache: bool = True) -> list[int]:
     """Continue one prompt (a list of token ids); returns the new token ids.
 
     Greedy when `temperature == 0`, else temperature + nucleus sampling with `rng` (a jax key; `None` means
     `jax.random.key(0)`), folded with the step number so the same key gives the same tokens. Generation stops
     after `max_new_tokens` or at a token in `eos_id` (one id or several); the eos token itself is neither
     returned nor passed to `on_token`, which is called with every other new token as soon as it is chosen.
+    `cache=False` recomputes the whole forward at each step (same tokens, slower).
     """
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
@@ -81,9 +82,9 @@ def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperatu
     greedy = temperature == 0
     temperature, top_p = jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p)
     graphdef, state = nnx.split(model)
-    cached = isinstance(model, Llama)
+    cached = cache and hasattr(model, "init_cache")
     if cached:
-        cache = model.init_cache(1, _bucket(len(prompt) + max_new_tokens))
+        kv = model.init_cache(1, _bucket(len(prompt) + max_new_tokens))
     out: list[int] = []
     for step in range(max_new_tokens):
         key = jax.random.fold_in(rng, step)
@@ -92,7 +93,7 @@ def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperatu
                 tokens, index, last = _padded(prompt, _bucket(len(prompt))), 0, len(prompt) - 1
             else:
                 tokens, index, last = _padded(out[-1:], 1), len(prompt) + step - 1, 0
-            token, cache = _cached_step(graphdef, state, cache, tokens, jnp.int32(index), jnp.int32(last), key,
+            token, kv = _cached_step(graphdef, state, kv, tokens, jnp.int32(index), jnp.int32(last), key,
                                         temperature, top_p, greedy=greedy)
         else:
             ids = prompt + out

@@ -13,7 +13,7 @@ from flax import nnx
 
 from train.checkpoint import CheckpointError, Checkpointer
 from train.config import load_config
-from train.data import HFTokenizer, load_tokenizer
+from train.data import checkpoint_tokenizer, load_tokenizer
 from train.models import abstract_model
 from train.models.hf import load_hf_checkpoint
 from train.runtime import cache_dir, model_config_for
@@ -55,8 +55,8 @@ def load_run_dir(run_dir: str | Path, step: int | None = None):
 
 def load_hf_dir(path: str | Path, dtype=jnp.float32):
     """(model, tokenizer) from a Hugging Face checkpoint directory; the tokenizer carries the checkpoint's
-    special tokens and chat template (`HFTokenizer.from_checkpoint`)."""
-    tokenizer = HFTokenizer.from_checkpoint(path)
+    special tokens and chat template (`checkpoint_tokenizer`: tokenizer.json, or Moonlight's tiktoken.model)."""
+    tokenizer = checkpoint_tokenizer(path)
     return load_hf_checkpoint(path, dtype=dtype)[0], tokenizer
 
 

@@ -10,8 +10,10 @@ policy, `optimizer.name` (muon | adamw) and `muon_clip` behave as in pretraining
   `sft.val_file` or a held-out `sft.val_fraction`. The validation loss is measured before the first step too
   (`initial_val_loss` in the summary), so its drop is the fine-tuning's effect on held-out replies.
 * init: `sft.init_from` is a trainer run_dir (model and tokenizer from `train.pretrained.load_run_dir`,
-  default chat template) or a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json; the
-  chat template, bos and eos from its tokenizer_config.json). Empty: a random init of `model` with the `data`
+  default chat template) or a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json, or
+  Moonlight's tiktoken.model; the chat template, bos and eos from its tokenizer_config.json), whose weights are
+  read in float32 each device's part straight onto the run's mesh; `model.remat` / `model.capacity_factor` /
+  `model.balance_rate` given for the run apply on top of its config.json. Empty: a random init of `model` with the `data`
   tokenizer (what configs/sft_tiny.yaml does, so it runs anywhere without a pretrained model).
 * the run's config.yaml records the model and tokenizer actually used (`model` and `data` are taken from the
   init source), so the SFT run_dir is itself a source for `python -m train.generate`, `load_pretrained` and
@@ -42,7 +44,7 @@ from train.config import Config, ConfigError, DataConfig, load_config
 from train.data.chat import DEFAULT_CHAT_TEMPLATE, ChatFormat, load_chat_data, make_chat_iterator, val_batches
 from train.decode import generate
 from train.loop import RunInputs, train
-from train.models import state_shardings
+from train.models import model_config_from_hf, state_shardings
 from train.models.hf import load_hf_checkpoint, save_hf_checkpoint
 from train.pretrained import is_hf_dir, is_run_dir, load_run_dir
 from train.runtime import cache_dir
@@ -51,6 +53,8 @@ log = logging.getLogger("train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny.yaml"
 EOS_TEXT = "<|endoftext|>"              # the end-of-turn text of tokenizers that have no eos string of their own
 # sft keys that decide the data a run_dir was trained on: a resume must not change them
+# our own model fields that a run may set on top of a Hugging Face init (model.remat=full, ...)
+HF_INIT_OWN_FIELDS = ("remat", "capacity_factor", "balance_rate")
 DATA_KEYS = ("init_from", "train_file", "val_file", "val_fraction", "skip_bad_lines")
 
 
@@ -62,6 +66,7 @@ class InitSource:
     model: nnx.Module | None
     tokenizer: data_lib.Tokenizer
     chat: ChatFormat
+    hf_dir: Path | None = None           # a Hugging Face init: read straight onto the run's mesh (no host copy)
 
 
 def chat_format(tokenizer) -> ChatFormat:
@@ -84,13 +89,17 @@ def load_init(cfg: Config) -> InitSource:
         src = load_config(path / "config.yaml")
         cfg = dataclasses.replace(cfg, model=model.config.to_dict(), data=src.data)
         return InitSource(cfg, model, tokenizer, chat_format(tokenizer))
-    if is_hf_dir(path):
-        model, model_cfg = load_hf_checkpoint(path, dtype=jnp.float32)  # full fine-tuning in float32
+    if is_hf_dir(path):  # the weights are read in init_model, each device's part straight onto the mesh
+        own = {k: cfg.model[k] for k in HF_INIT_OWN_FIELDS if k in cfg.model}
+        model_cfg = model_config_from_hf(json.loads((path / "config.json").read_text()), dtype="float32",
+                                         param_dtype="float32", **own)  # full fine-tuning in float32
         data_cfg = DataConfig(tokenizer=str(path.resolve()))
-        tokenizer = data_lib.HFTokenizer.from_checkpoint(path)
-        chat = ChatFormat(tokenizer.encode, tokenizer.eos_id, tokenizer.eos_token, tokenizer.bos_token,
-                          tokenizer.chat_template)
-        return InitSource(dataclasses.replace(cfg, model=model_cfg.to_dict(), data=data_cfg), model, tokenizer, chat)
+        tokenizer = data_lib.checkpoint_tokenizer(path)
+        turn_end = getattr(tokenizer, "turn_end", tokenizer.eos_token)  # Moonlight: <|im_end|> ends a reply
+        turn_end_id = tokenizer.encode(turn_end)[0] if turn_end != tokenizer.eos_token else tokenizer.eos_id
+        chat = ChatFormat(tokenizer.encode, turn_end_id, turn_end, tokenizer.bos_token, tokenizer.chat_template)
+        return InitSource(dataclasses.replace(cfg, model=model_cfg.to_dict(), data=data_cfg), None, tokenizer, chat,
+                          path)
     raise ConfigError(f"sft.init_from={source!r} is neither a trainer run_dir (config.yaml) nor a Hugging Face "
                       "checkpoint directory (config.json + *.safetensors); leave it empty for a random init")
 
@@ -140,11 +149,14 @@ def sft_inputs(init: InitSource):
         return RunInputs(
             init.tokenizer, train_iter, val_batches(chat.val, cfg.global_batch // cfg.grad_accum, cfg.log.eval_batches),
             f"{t['reply_tokens']:,} assistant train tokens", summary={"chat": chat.stats},
-            init_model=None if init.model is None else init_model,
+            init_model=None if init.model is None and init.hf_dir is None else init_model,
             sample=lambda model: reply(model, init, cfg.log.sample_prompt, cfg.log.sample_tokens),
             eval_at_start=True)
 
     def init_model(model_cfg, mesh):
+        if init.hf_dir is not None:
+            own = {k: getattr(model_cfg, k) for k in HF_INIT_OWN_FIELDS if hasattr(model_cfg, k)}
+            return load_hf_checkpoint(init.hf_dir, dtype=jnp.float32, mesh=mesh, **own)[0]
         if init.model.config != model_cfg:
             raise ConfigError(f"the model of sft.init_from differs from the run's model config: {init.model.config} "
                               f"vs {model_cfg}")
@@ -169,6 +181,20 @@ def byte_tokenizer_json(path: Path) -> None:
     tok.save(str(path))
 
 
+def keep_remote_code_entries(source: Path, out: Path) -> None:
+    """Carry the source config.json's `auto_map` (and the code files it names, copied, never run here) into the
+    exported config.json, so the export loads wherever the source did, with or without trust_remote_code."""
+    import shutil
+    src = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+    if not src.get("auto_map"):
+        return
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "auto_map": src["auto_map"]}, indent=2))
+    for file in {v.split(".")[0] + ".py" for v in src["auto_map"].values() if isinstance(v, str)}:
+        if (source / file).is_file():
+            shutil.copyfile(source / file, out / file)
+
+
 def export_hf(run_dir: str | Path, init: InitSource, out: str | Path) -> Path:
     """The newest checkpoint of `run_dir` as a Hugging Face directory with its tokenizer and chat template."""
     model, tokenizer = load_run_dir(run_dir)
@@ -176,6 +202,10 @@ def export_hf(run_dir: str | Path, init: InitSource, out: str | Path) -> Path:
     save_hf_checkpoint(model, model.config, out)
     if isinstance(tokenizer, data_lib.ByteTokenizer):
         byte_tokenizer_json(out / "tokenizer.json")
+    elif isinstance(tokenizer, data_lib.TiktokenDirTokenizer):  # Moonlight's format back: tiktoken.model etc.
+        tokenizer.save(out, init.chat.template)
+        keep_remote_code_entries(tokenizer.path, out)
+        return out
     elif isinstance(tokenizer, data_lib.HFTokenizer):
         tokenizer.tokenizer.save(str(out / "tokenizer.json"))
     else:

@@ -125,6 +125,113 @@ class TiktokenTokenizer:
         return self.encoding.decode([int(i) for i in ids])
 
 
+# The Kimi / Moonlight pre-tokenizer (`pat_str` of moonshotai's tokenization_moonshot.py / tokenization_kimi.py):
+# Han runs first, letter classes with Han subtracted, digits in runs of at most 3. Taken verbatim from the copy of
+# tokenization_kimi.py (Kimi-Linear-48B-A3B-Instruct, rev 919416f) found in public sources; the same string is
+# quoted from Kimi-K2's tokenizer by independent reimplementations (Rust, Swift, JS) checked alongside.
+KIMI_PATTERN = "|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+NUM_RESERVED_SPECIAL = 256      # special ids follow the ranks: len(ranks) .. len(ranks) + 255
+MAX_ENCODE_CHARS, MAX_RUN_CHARS = 400_000, 25_000   # tiktoken limits the reference tokenizer works around
+
+
+def split_runs(text: str, max_run: int = MAX_RUN_CHARS):
+    """Pieces of `text` with no more than `max_run` consecutive whitespace or non-whitespace characters (as
+    tokenization_moonshot.py splits before calling tiktoken, which overflows on longer runs)."""
+    run, is_space, start = 0, text[:1].isspace(), 0
+    for i, ch in enumerate(text):
+        if ch.isspace() != is_space:
+            run, is_space = 1, ch.isspace()
+        else:
+            run += 1
+            if run > max_run:
+                yield text[start:i]
+                start, run = i, 1
+    yield text[start:]
+
+
+class TiktokenDirTokenizer:
+    """A Moonlight / Kimi checkpoint's tokenizer: `tiktoken.model` ranks + tokenizer_config.json, encoded with
+    `tiktoken` and the Kimi pattern. Special tokens are numbered after the ranks (256 slots, names from
+    `added_tokens_decoder`, the others `<|reserved_token_{id}|>`), and special-token text in a string is
+    encoded as the special token, as the reference does (`allowed_special="all"`)."""
+    skip_special_tokens = True
+
+    def __init__(self, path: str | os.PathLike):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        self.path = Path(path)
+        ranks = load_tiktoken_bpe(str(self.path / "tiktoken.model"))
+        self.config = _read_json(self.path / "tokenizer_config.json")
+        added = {int(i): t["content"] for i, t in self.config.get("added_tokens_decoder", {}).items()}
+        n = len(ranks)
+        ids = range(n, max([n + NUM_RESERVED_SPECIAL - 1, *added]) + 1)
+        self.special = {added.get(i, f"<|reserved_token_{i}|>"): i for i in ids}
+        self.encoding = tiktoken.Encoding(self.path.name, pat_str=KIMI_PATTERN, mergeable_ranks=ranks,
+                                          special_tokens=self.special)
+        self.name, self.vocab_size = str(self.path.resolve()), self.encoding.n_vocab
+        content = lambda t: t.get("content") if isinstance(t, dict) else t
+        self.bos_token = content(self.config.get("bos_token")) or ""
+        self.eos_token = content(self.config.get("eos_token")) or "[EOS]"
+        if self.eos_token not in self.special:
+            raise DataError(f"{self.path}: eos_token {self.eos_token!r} is not among the special tokens of "
+                            "tokenizer_config.json's added_tokens_decoder")
+        self.eos_id = self.special[self.eos_token]
+        self.chat_template = self.config.get("chat_template")
+        # a chat turn ends with <|im_end|> (Moonlight's template), which must also stop generation
+        self.turn_end = "<|im_end|>" if "<|im_end|>" in self.special and "<|im_end|>" in (
+            self.chat_template or "") else self.eos_token
+        stop = {self.eos_id, self.special[self.turn_end]}
+        for file in ("config.json", "generation_config.json"):
+            eos = _read_json(self.path / file).get("eos_token_id")
+            stop |= set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        self.stop_ids = sorted(stop)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids; special-token text becomes its id. Nothing is prepended (the reference adds no bos)."""
+        out = []
+        for i in range(0, len(text), MAX_ENCODE_CHARS):
+            for piece in split_runs(text[i:i + MAX_ENCODE_CHARS]):
+                out += self.encoding.encode(piece, allowed_special="all")
+        return out
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """Text of the ids; special tokens are left out (a checkpoint's tokenizer shows text only)."""
+        specials = set(self.special.values())
+        return self.encoding.decode([int(i) for i in ids if int(i) not in specials or not self.skip_special_tokens])
+
+    def save(self, out: str | os.PathLike, chat_template: str | None = None) -> None:
+        """Write tiktoken.model and tokenizer_config.json (all original keys kept: added_tokens_decoder,
+        auto_map, tokenizer_class, ...) into `out`, with `chat_template` if given."""
+        import shutil
+        out = Path(out)
+        shutil.copyfile(self.path / "tiktoken.model", out / "tiktoken.model")
+        config = dict(self.config, chat_template=chat_template or self.chat_template)
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def checkpoint_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a checkpoint directory: `TiktokenDirTokenizer` when it holds tiktoken.model (Moonlight /
+    Kimi), else `HFTokenizer.from_checkpoint` (tokenizer.json)."""
+    path = Path(path)
+    if (path / "tiktoken.model").is_file():
+        return TiktokenDirTokenizer(path)
+    return HFTokenizer.from_checkpoint(path)
+
+
 def train_bpe(texts: list[str], vocab_size: int, path: Path) -> None:
     """Train a GPT-2-style byte-level BPE (every byte representable, eos = <|endoftext|>) and save it to `path`."""
     from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
@@ -162,7 +269,7 @@ def tokenizer_for_source(cfg: DataConfig, cache: Path, train_docs: Callable[[], 
         return HFTokenizer(HFTok.from_file(str(path)), f"bpe{cfg.vocab_size}")
     path = Path(cfg.tokenizer).expanduser()
     if path.is_dir():  # a checkpoint directory: its special tokens and chat template come along
-        return HFTokenizer.from_checkpoint(path)
+        return checkpoint_tokenizer(path)
     if not path.is_file():
         raise DataError(f"data.tokenizer={cfg.tokenizer!r}: not 'byte', 'bpe', 'gpt2' or an existing "
                         "tokenizer.json (or a directory holding one)")

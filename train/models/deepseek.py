@@ -11,14 +11,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.models.model_config import DeepseekV3Config
-from train.models.layers import MLP, CausalLM, Linear, RMSNorm, apply_rope, attention, make_stack, param
+from train.models.model_config import DeepseekV3Config, yarn_mscale
+from train.models.layers import (MLP, CausalLM, Linear, RMSNorm, apply_rope, attention, cache_mask, decode_stack,
+                                 make_stack, param, rope_angles)
 
 
 class ExpertBias(nnx.Variable):
     """The auxiliary-loss-free balancing bias: used for expert selection only, updated outside the gradient.
 
     Not an `nnx.Param`, so optimizers and `nnx.grad(..., wrt=nnx.Param)` never touch it."""
+
+
+def softmax_mscale(config: DeepseekV3Config) -> float:
+    """DeepSeek-V3's extra softmax temperature under scaled rope: mscale(factor, mscale_all_dim)**2 (1 without
+    mscale_all_dim), applied to the logits scale whenever a rope scaling is configured, as transformers does."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", "default") == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    return yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
 
 class MLAttention(nnx.Module):
@@ -43,22 +53,55 @@ class MLAttention(nnx.Module):
         self.kv_b_proj = Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads"), c,
                                 rngs=rngs)
         self.o_proj = Linear(h * c.v_head_dim, d, ("heads", "embed"), c, rngs=rngs, bias=bias)
-        self.scale = c.qk_head_dim ** -0.5
+        self.scale = c.qk_head_dim ** -0.5 * softmax_mscale(c)
+
+    def queries(self, x, rope):
+        """(q_nope [B, T, H, nope], q_rot [B, T, H, rope] with RoPE applied)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = jnp.split(q.reshape(b, t, self.num_heads, -1), [self.nope_dim], axis=-1)
+        return q_nope, apply_rope(q_rot, *rope, interleaved=self.interleave)
+
+    def latent(self, x, rope):
+        """What MLA caches per position: the normalised latent c_kv [B, T, kv_lora_rank] and the shared rope key
+        [B, T, rope] (RoPE applied)."""
+        latent, k_rot = jnp.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
+        k_rot = apply_rope(k_rot[:, :, None, :], *rope, interleaved=self.interleave)[:, :, 0]
+        return self.kv_a_layernorm(latent), k_rot
 
     def __call__(self, x, segment_ids, rope, with_aux):
         b, t, _ = x.shape
         h = self.num_heads
-        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_rot = jnp.split(q.reshape(b, t, h, -1), [self.nope_dim], axis=-1)
-        latent, k_rot = jnp.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).reshape(b, t, h, self.nope_dim + self.v_dim)
-        k_nope, v = jnp.split(kv, [self.nope_dim], axis=-1)
-        q_rot = apply_rope(q_rot, *rope, interleaved=self.interleave)
-        k_rot = apply_rope(k_rot[:, :, None, :], *rope, interleaved=self.interleave)
+        q_nope, q_rot = self.queries(x, rope)
+        c_kv, k_rot = self.latent(x, rope)
+        k_nope, v = jnp.split(self.kv_b_proj(c_kv).reshape(b, t, h, self.nope_dim + self.v_dim), [self.nope_dim],
+                              axis=-1)
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot, (b, t, h, self.rope_dim))], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None], (b, t, h, self.rope_dim))], axis=-1)
         out, max_logit = attention(q, k, v, segment_ids, self.scale, with_aux)
         return self.o_proj(out.reshape(b, t, -1)), max_logit
+
+    def decode(self, x, rope, cache, index):
+        """x [B, T, D] at positions index.. index + T - 1 with a latent cache (c_kv [B, S, r], k_rot [B, S, rope]):
+        writes this x's latents at `index`, attends over the cache; returns (output [B, T, D], updated cache).
+
+        Keys and values are never expanded per head: kv_b_proj's key half is absorbed into the queries (scores
+        against c_kv directly) and its value half is applied after the weighted sum of c_kv, as DeepSeek-V2/V3
+        inference does, so a step costs O(S * H * r) instead of re-projecting every cached position."""
+        b, t, _ = x.shape
+        q_nope, q_rot = self.queries(x, rope)
+        c_cache, r_cache = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), index, axis=1)
+                            for c, new in zip(cache, self.latent(x, rope)))
+        dtype = c_cache.dtype
+        w = self.kv_b_proj.kernel[...].astype(dtype).reshape(self.kv_lora_rank, self.num_heads, -1)
+        w_k, w_v = jnp.split(w, [self.nope_dim], axis=-1)
+        q_latent = jnp.einsum("bthd,rhd->bthr", q_nope.astype(dtype), w_k)
+        logits = (jnp.einsum("bthr,bsr->bhts", q_latent, c_cache, preferred_element_type=jnp.float32)
+                  + jnp.einsum("bthd,bsd->bhts", q_rot.astype(dtype), r_cache, preferred_element_type=jnp.float32))
+        logits = jnp.where(cache_mask(t, c_cache.shape[1], index)[None, None], logits * self.scale, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        out = jnp.einsum("bthr,rhd->bthd", jnp.einsum("bhts,bsr->bthr", probs, c_cache), w_v)
+        return self.o_proj(out.reshape(b, t, -1)), (c_cache, r_cache)
 
 
 class Router(nnx.Module):
@@ -174,15 +217,21 @@ class DeepseekV3DecoderLayer(nnx.Module):
 
     def __call__(self, x, segment_ids, rope, with_aux):
         h, max_logit = self.self_attn(self.input_layernorm(x), segment_ids, rope, with_aux)
-        x = x + h
+        x, moe_aux = self.feed_forward(x + h)
+        return x, ({"max_attn_logit": max_logit, **moe_aux} if with_aux else {})
+
+    def feed_forward(self, x):
+        """x + mlp(post_attention_layernorm(x)), and the MoE's aux ({} for a dense layer)."""
         h = self.post_attention_layernorm(x)
-        aux = {"max_attn_logit": max_logit} if with_aux else {}
         if isinstance(self.mlp, MoE):
-            h, moe_aux = self.mlp(h)
-            aux.update(moe_aux if with_aux else {})
-        else:
-            h = self.mlp(h)
-        return x + h, aux
+            h, aux = self.mlp(h)
+            return x + h, aux
+        return x + self.mlp(h), {}
+
+    def decode(self, x, *, rope, cache, index):
+        """One layer of the latent-cache path (see `DeepseekV3.decode`)."""
+        h, cache = self.self_attn.decode(self.input_layernorm(x), rope, cache, index)
+        return self.feed_forward(x + h)[0], cache
 
 
 class DeepseekV3(CausalLM):
@@ -198,6 +247,26 @@ class DeepseekV3(CausalLM):
 
     def stacks(self):
         return [s for s in (self.dense_layers, self.moe_layers) if s is not None]
+
+    def init_cache(self, batch: int, max_len: int):
+        """An empty latent cache: per stack, (c_kv [L, batch, max_len, kv_lora_rank], k_rot [L, batch, max_len,
+        qk_rope_head_dim]) in the compute dtype: (kv_lora_rank + rope) numbers per position and layer, against
+        2 * heads * head_dim for an expanded KV cache."""
+        c = self.config
+        return tuple((jnp.zeros((n, batch, max_len, c.kv_lora_rank), c.dtype),
+                      jnp.zeros((n, batch, max_len, c.qk_rope_head_dim), c.dtype))
+                     for n in (c.first_k_dense_replace, c.num_moe_layers) if n)
+
+    def decode(self, tokens, cache, index):
+        """Incremental forward for generation, as `Llama.decode`: tokens [B, T] at positions index .. index + T - 1
+        over a cache from `init_cache`; returns (logits [B, T, vocab] float32, updated cache)."""
+        positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
+        rope = rope_angles(self.config, self.rotary_dim, positions)
+        x, new_cache = self.embed_tokens(tokens), []
+        for stack, stack_cache in zip(self.stacks(), cache):
+            x, stack_cache = decode_stack(stack, x, stack_cache, rope=rope, index=index)
+            new_cache.append(stack_cache)
+        return self.output_logits(x), tuple(new_cache)
 
 
 def update_balancing_bias(model: DeepseekV3, expert_load, rate: float | None = None) -> None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from train.models.model_config import rope_inv_freq
+from train.models.model_config import rope_attention_factor, rope_inv_freq
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", stddev=0.02) -> nnx.Param:
@@ -71,9 +71,10 @@ def segment_positions(segment_ids):
 
 
 def rope_angles(config, rotary_dim, positions):
-    """(cos, sin) [B, T, rotary_dim // 2] in float32."""
+    """(cos, sin) [B, T, rotary_dim // 2] in float32 (times yarn's attention factor, as transformers does)."""
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config, rotary_dim))
-    return jnp.cos(angles), jnp.sin(angles)
+    factor = rope_attention_factor(config)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
 def apply_rope(x, cos, sin, interleaved=False):
@@ -121,8 +122,7 @@ def cached_attention(q, k_cache, v_cache, index, scale):
     contain their keys/values. Query t sees cache slots <= index + t, so slots past the written prefix (stale or
     padding) are never attended, and one compiled step serves every position of a cache of size S.
     """
-    t, s = q.shape[1], k_cache.shape[1]
-    mask = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
+    mask = cache_mask(q.shape[1], k_cache.shape[1], index)
     return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask[None, None], scale=scale)
 
 
@@ -154,6 +154,23 @@ def run_stack(stack, x, remat, **kwargs):
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT[remat])
     return jax.lax.scan(body, x, state)
+
+
+def decode_stack(stack, x, cache: tuple, **kwargs):
+    """Scan x through a stacked layer's `decode(x, cache=..., **kwargs)`, each layer with its slice of `cache`
+    (a tuple of arrays with a leading [L] axis); returns x and the updated cache."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, layer):
+        layer_state, *layer_cache = layer
+        return nnx.merge(graphdef, layer_state).decode(h, cache=tuple(layer_cache), **kwargs)
+
+    return jax.lax.scan(body, x, (state, *cache))
+
+
+def cache_mask(t: int, s: int, index):
+    """[t, s] bool: query t (at position index + t) sees cache slots <= index + t."""
+    return jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
 
 
 class Embed(nnx.Module):

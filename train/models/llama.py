@@ -14,6 +14,7 @@ from train.models.layers import (
     apply_rope,
     attention,
     cached_attention,
+    decode_stack,
     make_stack,
     rope_angles,
 )
@@ -67,7 +68,7 @@ class LlamaDecoderLayer(nnx.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, ({"max_attn_logit": max_logit} if with_aux else {})
 
-    def decode(self, x, rope, cache, index):
+    def decode(self, x, *, rope, cache, index):
         """One layer of the KV-cache path (see `Llama.decode`)."""
         h, cache = self.self_attn.decode(self.input_layernorm(x), rope, cache, index)
         x = x + h
@@ -100,11 +101,5 @@ class Llama(CausalLM):
         exceed the cache size (dynamic_update_slice would clamp the write)."""
         positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
         rope = rope_angles(self.config, self.rotary_dim, positions)
-        graphdef, state = nnx.split(self.layers)
-
-        def body(x, layer):
-            layer_state, k, v = layer
-            return nnx.merge(graphdef, layer_state).decode(x, rope, (k, v), index)
-
-        x, cache = jax.lax.scan(body, self.embed_tokens(tokens), (state, *cache))
+        x, cache = decode_stack(self.layers, self.embed_tokens(tokens), tuple(cache), rope=rope, index=index)
         return self.output_logits(x), cache
