@@ -66,7 +66,7 @@ def muon(
     mu_dtype: Optional[Any] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     ns_axis: NsAxis = None,
-    ns_mode: str = "balanced",
+    ns_mode: str = "placed",
 ) -> optax.GradientTransformation:
     r"""Muon as in Moonlight (Liu et al. 2025, *Muon is Scalable for LLM Training*, arXiv 2502.16982).
 

@@ -111,7 +111,7 @@ def orthogonalize(
     matrix_axes: MatrixAxes = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     ns_axis: NsAxis = None,
-    ns_mode: str = "balanced",
+    ns_mode: str = "placed",
 ) -> optax.GradientTransformation:
     r"""Replaces each matrix ``M`` of the updates by ``NS(M) ≈ U Vᵀ`` (``M = U S Vᵀ``).
 

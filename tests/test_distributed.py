@@ -169,12 +169,12 @@ def test_inject_hyperparams_and_explicit_mesh():
 
 def test_bad_input_errors():
     mesh = auto_mesh((2, 4), ("data", "fsdp"))
-    assert muon_jax.NS_MODES == ("balanced", "gather")
+    assert muon_jax.NS_MODES == ("placed", "balanced", "gather")
     with pytest.raises(ValueError, match=r"'tensor'.*\('data', 'fsdp'\)"):
         muon_jax.muon(0.1, mesh=mesh, ns_axis="tensor")
     with pytest.raises(ValueError, match=r"not in the mesh: \['expert'\]"):
         muon_jax.muon(0.1, mesh=mesh, ns_axis=("fsdp", "expert"))
-    with pytest.raises(ValueError, match="Unknown ns_mode 'scatter'.*balanced"):
+    with pytest.raises(ValueError, match="Unknown ns_mode .scatter.*placed"):
         muon_jax.muon(0.1, mesh=mesh, ns_mode="scatter")
     with pytest.raises(ValueError, match="Unknown ns_mode"):
         muon_jax.muon(0.1, ns_mode="scatter")
