@@ -131,9 +131,7 @@ def candidates(names, params, mesh, ns_axis):
 def measure(config: str, names) -> dict:
     """Compiles the step for every optimizer in ``names`` on the devices jax has; returns the figures."""
     import jax
-    import numpy as np
-
-    from muon_jax.placement import ns_cost, plan, piece_size
+    from muon_jax.placement import ns_cost, plan
 
     params, mesh = trainer_tree(config)
     n_dev = jax.device_count()
@@ -165,5 +163,89 @@ def measure(config: str, names) -> dict:
         print(f"{head['config']} {n_dev:5d} dev {name:20s} FLOPs/limit {row['flops_ratio']:7.3f}  "
               f"bytes/shard {row['bytes_ratio']:8.2f}  {counts}  temp {row['temp_mb']:9.1f} MiB  "
               f"(shard {head['shard_mb']:.1f})  compile {seconds:.1f} s", flush=True)
-    del np, piece_size
     return head
+
+
+def fmt_row(res: dict, name: str) -> str:
+    """One markdown table row."""
+    row = res["rows"].get(name)
+    if row is None:
+        return f"| {res['devices']} | {res['config']} | {name} | — | — | not compiled (too slow on this CPU) | — |"
+    counts = ", ".join(f"{n}× {k}" for k, n in sorted(row["collectives"].items())) or "none"
+    return (f"| {res['devices']} | {res['config']} | {name} | {row['flops_ratio']:.3f} | "
+            f"{row['bytes_ratio']:.2f} | {counts} | {row['temp_mb']:,.0f} |")
+
+
+def markdown(results: list[dict]) -> str:
+    """The docs/benchmarks.md section: the table, then per-case memory and placement figures."""
+    import jax
+    lines = [
+        "One optimizer step (update + apply, new params and state donated and constrained to their "
+        "shardings) compiled for the abstract parameters the trainer builds from each config, with "
+        "that config's mesh (`data: 1, fsdp: -1`, and `expert: 8` for Moonlight) and logical-axis "
+        "rules; Newton–Schulz spread over every mesh axis of size > 1; float32 parameters. Per device, "
+        "from the compiled executable on simulated CPU devices (jax " + jax.__version__ + "). FLOPs ÷ "
+        "limit, limit = max(all NS FLOPs / devices, NS FLOPs of the largest matrix); bytes ÷ the "
+        "device's parameter shard; peak temporary memory in MiB.",
+        "",
+        "| devices | config | optimizer | FLOPs / limit | collective bytes / shard | collectives | temp MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = [*MODES, OPTAX]
+    lines += [fmt_row(res, name) for res in results for name in names]
+    lines += ["", "Memory of `ns_mode=\"placed\"` per device (MiB): local parameter shard, the matrices "
+              "the busiest device orthogonalises, one all-to-all buffer, peak temporary memory; "
+              "the largest single matrix; compile time of the placed step.", "",
+              "| devices | config | shard | owned | buffer | temp | largest matrix | device roles | compile s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        row = res["rows"].get("placed", {})
+        lines.append(f"| {res['devices']} | {res['config']} | {res['shard_mb']:,.0f} | {res['owned_mb']:,.0f} | "
+                     f"{res['buffer_mb']:,.0f} | {row.get('temp_mb', 0):,.0f} | {res['largest_mb']:,.0f} | "
+                     f"{res['roles']} | {row.get('compile_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/llama_8b.yaml", help="with --devices: the one config")
+    ap.add_argument("--devices", type=int, help="measure on this many simulated devices, in-process")
+    ap.add_argument("--configs", default="configs/llama_1b.yaml,configs/moonlight_16b_a3b.yaml,configs/llama_8b.yaml")
+    ap.add_argument("--scaling", default="8,64,256,1024", help="device counts for the table (subprocesses)")
+    ap.add_argument("--optimizers", default=",".join([*MODES, OPTAX]))
+    ap.add_argument("--placed-only-from", type=int, default=1024,
+                    help="from this many devices on, compile only ns_mode='placed' (the baselines are slow)")
+    ap.add_argument("--json", action="store_true", help="with --devices: print the figures as JSON last")
+    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument("--save", help="also save the figures as JSON here")
+    ap.add_argument("--load", help="render the table from figures saved by --save instead of measuring")
+    args = ap.parse_args()
+    if args.devices:
+        # The simulated device count is read once, when jax initialises its CPU backend.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.devices}").strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        result = measure(args.config, args.optimizers.split(","))
+        if args.json:
+            print(json.dumps(result))
+        return
+    results = json.load(open(args.load)) if args.load else []
+    for n in ([] if args.load else (int(v) for v in args.scaling.split(","))):
+        for config in args.configs.split(","):
+            names = "placed" if n >= args.placed_only_from else args.optimizers
+            out = subprocess.run([sys.executable, "-m", "bench.distributed", "--devices", str(n), "--config",
+                                  config, "--optimizers", names, "--json"],
+                                 check=True, capture_output=True, text=True).stdout
+            print("\n".join(out.splitlines()[:-1]), flush=True)
+            results.append(json.loads(out.splitlines()[-1]))
+            if args.save:
+                json.dump(results, open(args.save, "w"))
+    table = markdown(results)
+    print("\n" + table)
+    if args.write:
+        from bench.report import replace_section
+        replace_section("docs/benchmarks.md", "bench/distributed.py", table)
+
+
+if __name__ == "__main__":
+    main()
