@@ -63,7 +63,7 @@ def gathered(mats: list[jax.Array], ns: Callable, mesh: Mesh) -> list[jax.Array]
 
 def balanced(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, ...]):
     """Zero-redundancy mode: same-shape matrices batched, padded, all-to-all'd so that each device of
-    ``ns_axes`` holds whole matrices, orthogonalised, and returned (module docstring)."""
+    ``ns_axes`` holds whole matrices, orthogonalised, and returned (docs/distributed.md)."""
     n = math.prod(mesh.shape[a] for a in ns_axes)
     on_ns_axes = NamedSharding(mesh, P(ns_axes, UNCONSTRAINED, UNCONSTRAINED))
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -197,7 +197,7 @@ def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns
     leading batch axes), distributed over ``ns_axes`` of ``mesh`` as ``ns_mode`` says.
 
     ``anchors``: arrays of the same shapes whose layout the results must take, normally the
-    parameters (jit inputs, so their layout is fixed); see the module docstring.
+    parameters (jit inputs, so their layout is fixed); see docs/distributed.md.
     """
     auto = _auto_axes_mesh(mesh)
 

@@ -121,7 +121,8 @@ def orthogonalize(
     With a ``mesh`` the updates are taken to be sharded on it (``NamedSharding``, inside a jitted
     step) and the NS work is distributed over the mesh axes ``ns_axis`` (default: all), either by
     gathering each matrix everywhere (``ns_mode="gather"``, Moonlight's distributed Muon) or by
-    giving each matrix to exactly one device (``"balanced"``); see :mod:`muon_jax.distributed`.
+    giving each matrix to exactly one device (``"placed"``, cost-balanced, the default, or
+    ``"balanced"``, padded per shape); see docs/distributed.md.
 
     Args:
       steps, coeffs, eps, dtype: as in :func:`muon_jax.newton_schulz`.
