@@ -166,6 +166,21 @@ def measure(config: str, names) -> dict:
     return head
 
 
+PARAGRAPH = (
+    "How `placed` works (docs/distributed.md): at trace time a pure-Python plan assigns every matrix "
+    "(each layer of a stack, each expert) to one device of `ns_axis`, largest NS cost first, each to the "
+    "least-loaded device, as Megatron's `layer_sharded` mode does; `[d, f]` and `[f, d]` count as one "
+    "shape. Each leaf is flattened to `[matrices, a·b]` sharded over `ns_axis` (local for FSDP-sharded "
+    "stacks, their hidden axis put first), and inside one `shard_map` every device scatters its piece of "
+    "every matrix into the owner's row of a `[n, width]` buffer: one all-to-all delivers whole matrices, "
+    "a `lax.switch` on the device's role (devices owning the same shapes share one) runs Newton–Schulz "
+    "once per shape, one all-to-all brings the results back. `bytes/shard bound` is what any placement "
+    "that keeps matrices whole must move at least (the largest matrix in and out); past it, for FSDP over "
+    "256+ devices, the 3-shard target is out of reach for every whole-matrix design. Extra collectives "
+    "beyond the two all-to-alls are XLA reshards of leaves whose layout the plan cannot see (a "
+    "column-sharded square `o_proj`; in Moonlight, leaves replicated over `expert` or sharded on it).")
+
+
 def fmt_row(res: dict, name: str) -> str:
     """One markdown table row."""
     row = res["rows"].get(name)
@@ -196,14 +211,16 @@ def markdown(results: list[dict]) -> str:
     lines += ["", "Memory of `ns_mode=\"placed\"` per device (MiB): local parameter shard, the matrices "
               "the busiest device orthogonalises, one all-to-all buffer, peak temporary memory; "
               "the largest single matrix; compile time of the placed step.", "",
-              "| devices | config | shard | owned | buffer | temp | largest matrix | device roles | compile s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| devices | config | shard | owned | buffer | temp | largest matrix | bytes/shard bound | "
+              "device roles | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        row = res["rows"].get("placed", {})
-        lines.append(f"| {res['devices']} | {res['config']} | {res['shard_mb']:,.0f} | {res['owned_mb']:,.0f} | "
+        row, n = res["rows"].get("placed", {}), res["devices"]
+        # Whoever owns the largest matrix receives it whole and sends it back.
+        bound = 2 * res["largest_mb"] * (n - 1) / n / res["shard_mb"]
+        lines.append(f"| {n} | {res['config']} | {res['shard_mb']:,.0f} | {res['owned_mb']:,.0f} | "
                      f"{res['buffer_mb']:,.0f} | {row.get('temp_mb', 0):,.0f} | {res['largest_mb']:,.0f} | "
-                     f"{res['roles']} | {row.get('compile_s', 0):.0f} |")
-    return "\n".join(lines)
+                     f"≥ {bound:.2f} | {res['roles']} | {row.get('compile_s', 0):.0f} |")
+    return "\n".join(lines + ["", PARAGRAPH])
 
 
 def main():
