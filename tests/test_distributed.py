@@ -138,8 +138,8 @@ def test_sharded_matches_single_device(case, mode):
         assert "all-gather" in set(COLLECTIVE.findall(hlo))
 
 
-def test_balanced_fsdp_step_is_two_all_to_alls():
-    """The benchmark's layout in small: FSDP-sharded stacks (two of 4 layers batched into 8) compile
+def test_fsdp_step_is_two_all_to_alls():
+    """FSDP-sharded stacks in the default mode (placed; two of 4 layers batched into 8) compile
     to all-to-alls only, moving two parameter shards per device: one out, one back."""
     mesh = auto_mesh((8,), ("fsdp",))
     shapes = {"wq": (8, 64, 64), "w_up": (4, 64, 192), "w_down": (4, 64, 192)}
