@@ -185,7 +185,7 @@ def fmt_row(res: dict, name: str) -> str:
     """One markdown table row."""
     row = res["rows"].get(name)
     if row is None:
-        return f"| {res['devices']} | {res['config']} | {name} | — | — | not compiled (too slow on this CPU) | — |"
+        return f"| {res['devices']} | {res['config']} | {name} | — | — | not compiled (time-boxed: shared 2-core CPU) | — |"
     counts = ", ".join(f"{n}× {k}" for k, n in sorted(row["collectives"].items())) or "none"
     return (f"| {res['devices']} | {res['config']} | {name} | {row['flops_ratio']:.3f} | "
             f"{row['bytes_ratio']:.2f} | {counts} | {row['temp_mb']:,.0f} |")
@@ -242,7 +242,7 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={args.devices}").strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
-        result = measure(args.config, args.optimizers.split(","))
+        result = measure(args.config, [o for o in args.optimizers.split(",") if o])
         if args.json:
             print(json.dumps(result))
         return
