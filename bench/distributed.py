@@ -1,35 +1,39 @@
-"""Distributed Muon, proven by compiled-HLO cost: FLOPs and collective bytes per device of one step.
+"""Distributed Muon at pod scale, from compiled HLO: FLOPs, collectives and memory per device of one step.
 
-    python -m bench.distributed [--scaling 8,16,64] [--layers 8] [--d 512] [--f 1536] [--write]
-    python -m bench.distributed --devices 8          # one device count, in this process
+    python -m bench.distributed --config configs/llama_8b.yaml --devices 256   # one case, in-process
+    python -m bench.distributed [--configs a.yaml,b.yaml] [--scaling 8,64,256,1024] [--write]
 
-Compiles one full optimizer step (update + apply, new parameters and state constrained to their
-shardings) for a Llama-like stack of ``[L, A, B]`` weights sharded ``P(None, "fsdp", None)`` on
-``--devices`` simulated CPU devices, for muon_jax's two ``ns_mode`` values and for
-``optax.contrib.muon`` (same math as far as optax allows, see bench/optimizer.py), and reads from the
-compiled executable:
+Compiles one optimizer step (update + apply, new parameters and state constrained to their
+shardings) for the abstract parameter tree the trainer builds from a config — ``jax.ShapeDtypeStruct``
+leaves with the shardings of the config's mesh and logical-axis rules, nothing allocated — on
+``--devices`` simulated CPU devices, for muon_jax's ``ns_mode`` values and ``optax.contrib.muon``
+(same math as far as optax allows, see bench/optimizer.py). Read from the compiled executable:
 
-- FLOPs per device (``compiled.cost_analysis()``, SPMD-partitioned, so per device) ÷ the ideal: the
-  Newton–Schulz FLOPs of all matrices ÷ the number of devices;
-- collective bytes per device (result sizes of every all-gather / all-reduce / all-to-all /
-  reduce-scatter / collective-permute in ``compiled.as_text()``, whose shapes are per device) ÷ the
-  bytes of one device's parameter shard.
+- FLOPs per device (``compiled.cost_analysis()``; SPMD-partitioned, so per device; a conditional
+  counts its costliest branch) ÷ the limit ``max(all NS FLOPs / devices, NS FLOPs of the largest
+  matrix)``: no placement that keeps matrices whole can do less;
+- collective bytes per device (result sizes of the all-gather / all-reduce / all-to-all /
+  reduce-scatter / collective-permute ops in ``compiled.as_text()``, whose shapes are per device)
+  ÷ the bytes of the device's parameter shard, and the count of each kind;
+- peak temporary memory (``compiled.memory_analysis().temp_size_in_bytes``).
 
-Without ``--devices`` it runs itself in a subprocess per device count (XLA's simulated device count
-is fixed when jax starts) and prints the scaling table; ``--write`` puts it in docs/benchmarks.md.
+Newton–Schulz is spread over every mesh axis of size > 1. Without ``--devices`` the script runs one
+subprocess per (config, device count) — XLA's simulated device count is fixed when jax starts —
+prints the table, and ``--write`` puts it in docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+import time
 
-from bench.cli import add_stack_arguments
-
-MODES = ("balanced", "gather")
+MODES = ("placed", "balanced", "gather")
+OPTAX = "optax.contrib.muon"
 COLLECTIVE = re.compile(
     r"^\s*\S+ = (.*?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(",
     re.M)
@@ -38,128 +42,221 @@ ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 
 def collective_bytes(hlo: str) -> tuple[int, dict[str, int]]:
     """Total result bytes of the collectives in an HLO module, and how many of each kind."""
-    import numpy as np
-
     total, counts = 0, {}
     for result, kind in COLLECTIVE.findall(hlo):
         counts[kind] = counts.get(kind, 0) + 1
         for dtype, dims in ARRAY.findall(result):
             bits = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
-            total += int(np.prod([int(d) for d in dims.split(",") if d])) * max(bits // 8, 1)
+            total += math.prod(int(d) for d in dims.split(",") if d) * max(bits // 8, 1)
     return total, counts
 
 
-def stack_params(layers, d, f):
-    """A Llama-like stack: attention (GQA, 4× fewer kv heads) and SwiGLU weights plus norm scales."""
-    kv = d // 4
-    return {"wq": (layers, d, d), "wk": (layers, d, kv), "wv": (layers, d, kv), "wo": (layers, d, d),
-            "w_gate": (layers, d, f), "w_up": (layers, d, f), "w_down": (layers, f, d),
-            "attn_norm": (layers, d), "mlp_norm": (layers, d)}
-
-
-def measure(devices: int, layers: int, d: int, f: int) -> dict:
-    """Compiles the step for every optimizer on ``devices`` simulated devices; returns the figures."""
-    # The simulated device count is read once, when jax initialises its CPU backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={devices}").strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
+def trainer_tree(config_path: str):
+    """The trainer's abstract parameters for ``config_path`` on all devices: a pure-dict tree of
+    ``jax.ShapeDtypeStruct`` with shardings, and the mesh. The only use of train/ in this file."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    from flax import nnx
 
+    from train.config import load_config
+    from train.models import abstract_model, model_config_from_dict, state_shardings
+    from train.runtime import make_mesh
+
+    cfg = load_config(config_path)
+    model = dict(cfg.model)
+    model.setdefault("vocab_size", 50257)  # the gpt2 tokenizer's, as the trainer would take it
+    model_cfg = model_config_from_dict(model)
+    mesh = make_mesh(cfg)
+    state = nnx.state(abstract_model(model_cfg), nnx.Param)
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(state), shardings)
+    return params, mesh
+
+
+def muon_shapes(params) -> list[tuple[int, tuple[int, int]]]:
+    """(count, matrix shape) of every leaf muon_jax's default labels send to Muon."""
+    import jax
     import muon_jax
-    from bench.optimizer import ns_flops, optax_contrib_same_math
-    from bench.report import device_line
 
-    mesh = Mesh(np.array(jax.devices()), ("fsdp",), axis_types=(AxisType.Auto,))
-    shapes = stack_params(layers, d, f)
-    shardings = {k: NamedSharding(mesh, P(None, "fsdp", None) if len(s) == 3 else P(None, "fsdp"))
-                 for k, s in shapes.items()}
-    params = {k: jax.device_put(jnp.full(s, 0.02, jnp.float32), shardings[k]) for k, s in shapes.items()}
-    shard_bytes = sum(np.prod(shardings[k].shard_shape(s)) * 4 for k, s in shapes.items())
-    ideal = ns_flops(params) / devices
+    return [(math.prod(x.shape[:-2]), x.shape[-2:]) for label, x in
+            zip(jax.tree.leaves(muon_jax.default_labels(params)), jax.tree.leaves(params)) if label == "muon"]
 
-    candidates = {f"muon_jax ns_mode={m!r}": muon_jax.muon(1e-3, mesh=mesh, ns_axis="fsdp", ns_mode=m)
-                  for m in MODES}
-    candidates["optax.contrib.muon"] = optax_contrib_same_math(1e-3, params)
-    rows = {}
-    for name, tx in candidates.items():
-        # Eager init: every buffer is sharded like its parameter; scalars (step counts) replicated.
-        state = jax.tree.map(
-            lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, NamedSharding(mesh, P())),
-            tx.init(params))
 
-        def step(params, state, grads):
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
+def state_sharding(path, leaf, params):
+    """A state leaf is laid out as a trainer keeps it: like the parameter whose path ends its own
+    (momentum, Adam moments), else replicated (step counts)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
-        out_shardings = (shardings, jax.tree.map(lambda x: x.sharding, state))
-        compiled = jax.jit(step, out_shardings=out_shardings).lower(params, state, params).compile()
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for p_path, p in flat:
+        if tuple(path[-len(p_path):]) == tuple(p_path) and p.shape == leaf.shape:
+            return p.sharding
+    return NamedSharding(flat[0][1].sharding.mesh, PartitionSpec())
+
+
+def compile_step(tx, params):
+    """Compiles update + apply for abstract ``params``; the state takes the shardings its init gives."""
+    import jax
+    import optax
+
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding(path, x, params)),
+        jax.eval_shape(tx.init, params))
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    out = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, state))
+    return jax.jit(step, out_shardings=out, donate_argnums=(0, 1)).lower(params, state, params).compile()
+
+
+def candidates(names, params, mesh, ns_axis):
+    """The optimizers to compare, by name."""
+    import muon_jax
+    from bench.optimizer import optax_contrib_same_math
+
+    for name in names:
+        if name == OPTAX:
+            yield name, optax_contrib_same_math(1e-3, params)
+        else:
+            yield name, muon_jax.muon(1e-3, mesh=mesh, ns_axis=ns_axis, ns_mode=name)
+
+
+def measure(config: str, names) -> dict:
+    """Compiles the step for every optimizer in ``names`` on the devices jax has; returns the figures."""
+    import jax
+    from muon_jax.placement import ns_cost, plan
+
+    params, mesh = trainer_tree(config)
+    n_dev = jax.device_count()
+    ns_axis = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or None
+    n_ns = math.prod(mesh.shape[a] for a in ns_axis) if ns_axis else 1
+    shard = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    mats = muon_shapes(params)
+    total = sum(c * ns_cost(s) for c, s in mats)
+    limit = max(total / n_ns, max(ns_cost(s) for _, s in mats))
+    # What one device of the placement holds: its own matrices, and the all-to-all buffer.
+    placement = plan(tuple(tuple(sorted(s)) for _, s in mats), tuple(c for c, _ in mats), n_ns)
+    owned = max(sum(g.count * math.prod(g.shape) for g in r) for r in placement.roles) * 4
+    head = {"config": os.path.basename(config), "devices": n_dev, "mesh": dict(mesh.shape),
+            "ns_axis": ns_axis, "shard_mb": shard / 2**20, "owned_mb": owned / 2**20,
+            "buffer_mb": placement.n * placement.width * 4 / 2**20, "roles": len(placement.roles),
+            "n_params": sum(x.size for x in jax.tree.leaves(params)), "ns_tflop": total / 1e12,
+            "largest_mb": max(math.prod(s) for _, s in mats) * 4 / 2**20, "rows": {}}
+    for name, tx in candidates(names, params, mesh, ns_axis):
+        start = time.perf_counter()
+        compiled = compile_step(tx, params)
+        seconds = time.perf_counter() - start
         cost = compiled.cost_analysis()
         flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
         moved, counts = collective_bytes(compiled.as_text())
-        rows[name] = {"flops_ratio": flops / ideal, "bytes_ratio": moved / shard_bytes, "collectives": counts}
-        print(f"{devices:3d} devices  {name:28s} FLOPs/ideal {flops / ideal:6.2f}   "
-              f"collective bytes/shard {moved / shard_bytes:7.2f}   {counts}", flush=True)
-    n_params = sum(int(np.prod(s)) for s in shapes.values())
-    return {"devices": devices, "rows": rows, "device_line": device_line(), "n_params": n_params,
-            "ns_gflop": ns_flops(params) / 1e9}
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        row = {"flops_ratio": flops / limit, "bytes_ratio": moved / shard, "collectives": counts,
+               "temp_mb": temp / 2**20, "compile_s": seconds}
+        head["rows"][name] = row
+        print(f"{head['config']} {n_dev:5d} dev {name:20s} FLOPs/limit {row['flops_ratio']:7.3f}  "
+              f"bytes/shard {row['bytes_ratio']:8.2f}  {counts}  temp {row['temp_mb']:9.1f} MiB  "
+              f"(shard {head['shard_mb']:.1f})  compile {seconds:.1f} s", flush=True)
+    return head
 
 
-def markdown(results: list[dict], layers: int, d: int, f: int) -> str:
-    first = results[0]
+PARAGRAPH = (
+    "How `placed` works (docs/distributed.md): at trace time a pure-Python plan assigns every matrix "
+    "(each layer of a stack, each expert) to one device of `ns_axis`, largest NS cost first, each to the "
+    "least-loaded device, as Megatron's `layer_sharded` mode does; `[d, f]` and `[f, d]` count as one "
+    "shape. Each leaf is flattened to `[matrices, a·b]` sharded over `ns_axis` (local for FSDP-sharded "
+    "stacks, their hidden axis put first), and inside one `shard_map` every device scatters its piece of "
+    "every matrix into the owner's row of a `[n, width]` buffer: one all-to-all delivers whole matrices, "
+    "a `lax.switch` on the device's role (devices owning the same shapes share one) runs Newton–Schulz "
+    "once per shape, one all-to-all brings the results back. `bytes/shard bound` is what any placement "
+    "that keeps matrices whole must move at least (the largest matrix in and out); past it, for FSDP over "
+    "256+ devices, the 3-shard target is out of reach for every whole-matrix design. Extra collectives "
+    "beyond the two all-to-alls are XLA reshards of leaves whose layout the plan cannot see (a "
+    "column-sharded square `o_proj`; in Moonlight, leaves replicated over `expert` or sharded on it). "
+    "Compile times are from a 2-core CPU shared with other jobs (load ≈ 20): the 1024-device llama_8b "
+    "step compiled in 511 s on a quieter moment. Cases missing from the tables did not fit the time box.")
+
+
+def fmt_row(res: dict, name: str) -> str:
+    """One markdown table row."""
+    row = res["rows"].get(name)
+    if row is None:
+        return f"| {res['devices']} | {res['config']} | {name} | — | — | not compiled (time-boxed: shared 2-core CPU) | — |"
+    counts = ", ".join(f"{n}× {k}" for k, n in sorted(row["collectives"].items())) or "none"
+    return (f"| {res['devices']} | {res['config']} | {name} | {row['flops_ratio']:.3f} | "
+            f"{row['bytes_ratio']:.2f} | {counts} | {row['temp_mb']:,.0f} |")
+
+
+def markdown(results: list[dict]) -> str:
+    """The docs/benchmarks.md section: the table, then per-case memory and placement figures."""
+    import jax
     lines = [
-        f"One optimizer step (update + apply, new params and state constrained to their shardings) "
-        f"compiled for a Llama-like stack: L={layers}, d={d}, f={f}, GQA kv=d/4, "
-        f"{first['n_params'] / 1e6:.1f}M params (float32) sharded `P(None, \"fsdp\", None)`, "
-        f"{first['ns_gflop']:.0f} GFLOP of Newton–Schulz per step. Figures per device from "
-        f"`compiled.cost_analysis()` and the collectives in `compiled.as_text()`, on simulated devices: "
-        f"{first['device_line'].split(', ', 1)[0]}, jax {first['device_line'].split('jax ')[1]}.",
+        "One optimizer step (update + apply, new params and state donated and constrained to their "
+        "shardings) compiled for the abstract parameters the trainer builds from each config, with "
+        "that config's mesh (`data: 1, fsdp: -1`, and `expert: 8` for Moonlight) and logical-axis "
+        "rules; Newton–Schulz spread over every mesh axis of size > 1; float32 parameters. Per device, "
+        "from the compiled executable on simulated CPU devices (jax " + jax.__version__ + "). FLOPs ÷ "
+        "limit, limit = max(all NS FLOPs / devices, NS FLOPs of the largest matrix); bytes ÷ the "
+        "device's parameter shard; peak temporary memory in MiB.",
         "",
-        "FLOPs ÷ ideal (all NS FLOPs ÷ devices) and collective bytes ÷ local parameter-shard bytes:",
-        "",
-        "| devices | optimizer | FLOPs / ideal | collective bytes / shard | collectives |",
-        "|---|---|---|---|---|",
+        "| devices | config | optimizer | FLOPs / limit | collective bytes / shard | collectives | temp MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
+    names = [*MODES, OPTAX]
+    lines += [fmt_row(res, name) for res in results for name in names]
+    lines += ["", "Memory of `ns_mode=\"placed\"` per device (MiB): local parameter shard, the matrices "
+              "the busiest device orthogonalises, one all-to-all buffer, peak temporary memory; "
+              "the largest single matrix; compile time of the placed step.", "",
+              "| devices | config | shard | owned | buffer | temp | largest matrix | bytes/shard bound | "
+              "device roles | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        for name, row in res["rows"].items():
-            counts = ", ".join(f"{n}× {k}" for k, n in sorted(row["collectives"].items())) or "none"
-            lines.append(f"| {res['devices']} | {name} | {row['flops_ratio']:.2f}× | "
-                         f"{row['bytes_ratio']:.2f}× | {counts} |")
-    lines += ["", f"Balanced pads each batch of same-shape matrices (here {layers} or {2 * layers}) to a "
-              "multiple of the device count, and a zero tile costs what a real one does: beyond "
-              f"{layers} devices its FLOPs and bytes grow with the padding (⌈B/n⌉·n / B). Gather "
-              "repeats all NS on every device by design; optax.contrib.muon leaves the split "
-              "matrices to XLA, which all-reduces their Gram matrices inside every NS step."]
-    return "\n".join(lines)
+        row, n = res["rows"].get("placed", {}), res["devices"]
+        # Whoever owns the largest matrix receives it whole and sends it back.
+        bound = 2 * res["largest_mb"] * (n - 1) / n / res["shard_mb"]
+        lines.append(f"| {n} | {res['config']} | {res['shard_mb']:,.0f} | {res['owned_mb']:,.0f} | "
+                     f"{res['buffer_mb']:,.0f} | {row.get('temp_mb', 0):,.0f} | {res['largest_mb']:,.0f} | "
+                     f"≥ {bound:.2f} | {res['roles']} | {row.get('compile_s', 0):.0f} |")
+    return "\n".join(lines + ["", PARAGRAPH])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/llama_8b.yaml", help="with --devices: the one config")
     ap.add_argument("--devices", type=int, help="measure on this many simulated devices, in-process")
-    ap.add_argument("--scaling", default="8,16,64", help="device counts for the table (subprocesses)")
-    add_stack_arguments(ap, layers=8, d=512, f=1536)
+    ap.add_argument("--configs", default="configs/llama_1b.yaml,configs/moonlight_16b_a3b.yaml,configs/llama_8b.yaml")
+    ap.add_argument("--scaling", default="8,64,256,1024", help="device counts for the table (subprocesses)")
+    ap.add_argument("--optimizers", default=",".join([*MODES, OPTAX]))
+    ap.add_argument("--placed-only-from", type=int, default=1024,
+                    help="from this many devices on, compile only ns_mode='placed' (the baselines are slow)")
     ap.add_argument("--json", action="store_true", help="with --devices: print the figures as JSON last")
+    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument("--save", help="also save the figures as JSON here")
+    ap.add_argument("--load", help="render the table from figures saved by --save instead of measuring")
     args = ap.parse_args()
-    shape = ["--layers", str(args.layers), "--d", str(args.d), "--f", str(args.f)]
-
     if args.devices:
-        result = measure(args.devices, args.layers, args.d, args.f)
+        # The simulated device count is read once, when jax initialises its CPU backend.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.devices}").strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        result = measure(args.config, [o for o in args.optimizers.split(",") if o])
         if args.json:
             print(json.dumps(result))
-        results = [result]
-    else:
-        results = []
-        for n in (int(v) for v in args.scaling.split(",")):
-            out = subprocess.run([sys.executable, "-m", "bench.distributed", "--devices", str(n), "--json",
-                                  *shape], check=True, capture_output=True, text=True).stdout
+        return
+    results = json.load(open(args.load)) if args.load else []
+    for n in ([] if args.load else (int(v) for v in args.scaling.split(","))):
+        for config in args.configs.split(","):
+            names = "placed" if n >= args.placed_only_from else args.optimizers
+            out = subprocess.run([sys.executable, "-m", "bench.distributed", "--devices", str(n), "--config",
+                                  config, "--optimizers", names, "--json"],
+                                 check=True, capture_output=True, text=True).stdout
             print("\n".join(out.splitlines()[:-1]), flush=True)
             results.append(json.loads(out.splitlines()[-1]))
-    table = markdown(results, args.layers, args.d, args.f)
-    if not args.json:
-        print("\n" + table)
+            if args.save:
+                json.dump(results, open(args.save, "w"))
+    table = markdown(results)
+    print("\n" + table)
     if args.write:
         from bench.report import replace_section
         replace_section("docs/benchmarks.md", "bench/distributed.py", table)

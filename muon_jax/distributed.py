@@ -1,69 +1,7 @@
-r"""Newton–Schulz on sharded parameters: Moonlight's gather mode and a zero-redundancy balanced mode.
+"""Newton–Schulz on sharded parameters: ``ns_mode`` "placed" (default: each matrix whole on one device,
+cost-balanced), "balanced" (same-shape batches padded to the device count) and "gather" (Moonlight).
 
-Newton–Schulz (NS) needs each matrix whole: ``X Xᵀ`` contracts a full row, so a matrix split across
-devices (FSDP / ZeRO shards ``[A, B]`` along ``A`` or ``B``) either has to be reassembled or has its
-Gram matrices all-reduced inside every one of its 15 matmuls, which is what XLA does when nothing
-is said (``optax.contrib.muon`` on sharded parameters). Usage::
-
-    mesh = jax.sharding.Mesh(devices.reshape(2, 4), ("data", "fsdp"))   # Auto axes
-    tx = muon_jax.muon(lr, mesh=mesh, ns_axis=("data", "fsdp"), ns_mode="balanced")
-    # params: NamedSharding on `mesh`; tx.update(grads, state, params) inside the jitted train step.
-
-What the user passes: the mesh the parameters are sharded on, ``ns_axis`` — the mesh axes (a name
-or a tuple; default all) over which NS is spread, typically the data/FSDP axes — and, as
-:func:`muon_jax.muon` always does, the parameters to ``update``. The parameters' shardings are not
-passed: inside ``jit`` an ``Auto``-axis tracer's sharding is not observable (``jax.typeof`` reads it
-as unconstrained), and a ``jax.jit(tx.init)`` need not record it either. Instead every result is
-tied to the layout of its parameter with ``jax.experimental.shard_alike``: parameters are inputs of
-the jitted step, so their layout is fixed, and "back to the parameter's sharding" needs no spec.
-Without that anchor XLA's propagation may keep the update in the NS layout and move the parameter
-there for the weight decay and the apply, one all-to-all more per leaf. On meshes with ``Explicit``
-axes the shardings are in the types: the same code runs under ``jax.sharding.auto_axes`` and
-returns to them directly.
-
-``ns_mode="gather"`` (Moonlight: Liu et al. 2025, arXiv 2502.16982, "Distributed Muon", on
-ZeRO-1): each leaf is all-gathered (constrained replicated), every device runs NS on all the full
-matrices and keeps its own slice (a local dynamic slice). Per device: ``n×`` the ideal NS FLOPs
-(``n`` devices) and an all-gather of every Muon parameter. It is the faithful reference. The gather is over every
-axis a leaf is sharded on, which for FSDP/ZeRO is ``ns_axis``; gathering along ``ns_axis`` only
-would need each leaf's spec or a partially manual ``shard_map``, which XLA rejects for some
-layouts.
-
-``ns_mode="balanced"`` (zero redundancy): every matrix — each layer of a stacked ``[L, A, B]``
-weight, each expert of ``[L, E, A, B]``, each separate 2-D leaf — is orthogonalised by exactly one
-device of ``ns_axis``, whole:
-
-1. *Batch.* Matrix axes go last, leading axes are flattened into one batch axis, and leaves with
-   matrices of the same shape are concatenated along it, so separate ``[A, B]`` leaves (batch 1)
-   are spread across devices instead of each being padded to the axis size.
-2. *Pad.* Each batch gets zero matrices at its end up to a multiple of ``n = |ns_axis|`` (NS maps
-   0 to 0), so that it splits into equal tiles. This happens in the parameters' layout, where the
-   batch axis is not sharded, so it is local. (Every device runs the same program on its tile, so
-   a padding slot costs the FLOPs of a real matrix wherever it is placed.)
-3. *All-to-all out.* ``with_sharding_constraint(batch, P(ns_axis, U, U))`` (``U`` unconstrained)
-   moves the ``ns_axis`` sharding from a matrix axis to the batch axis. Both layouts cut the batch
-   into ``n`` equal tiles, so XLA lowers the move to one all-to-all: each device sends ``(n−1)/n``
-   of its shard and receives whole matrices. A gather-then-slice would move ``n − 1`` shards
-   instead of one. Axes outside ``ns_axis`` (tensor, expert) are left to XLA: a matrix sharded
-   over ``"tensor"`` stays so, and its NS is tensor-parallel.
-4. *NS* runs on the local whole matrices; its result is constrained to the same layout.
-5. *All-to-all back* to the parameter's layout (the ``shard_alike`` anchor above); unpadding,
-   splitting and reshaping are then local again.
-
-Per device, balanced mode computes ``⌈B/n⌉`` of the ``B`` matrices of each shape — the ideal when
-``n`` divides ``B`` — and moves two parameter shards (padding included): one all-to-all out, one
-back. With fewer matrices of a shape than devices (``B < n``) the padding dominates: 8 matrices on
-64 devices leave 56 tiles holding zeros. Both modes give the numbers of one device up to matmul
-summation order.
-
-Choosing ``ns_axis`` (compiled HLO, 8 devices): the axes that shard the matrices should all be in it.
-FSDP ``P(None, "fsdp", None)`` stacks with ``ns_axis="fsdp"``: two all-to-alls, 2.00 shards moved
-(bench/distributed.py). Experts ``P(None, "expert", "fsdp", "tensor")`` with ``ns_axis=("fsdp",
-"expert", "tensor")``: two all-to-alls, 2.00 shards. An axis left out (``"tensor"``) keeps the
-matrices split, and XLA all-reduces their Gram matrices inside NS (correct, more traffic). Moving
-sharding from *both* matrix axes onto the batch axis, or a layer axis already sharded over
-``ns_axis``, can make XLA reshard by gathering instead (its "involuntary full rematerialization"
-warning); the numbers stay exact.
+Design, data movement, costs and how to choose ``ns_axis``: docs/distributed.md.
 """
 from __future__ import annotations
 
@@ -77,7 +15,9 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-NS_MODES = ("balanced", "gather")
+from muon_jax.placement import Group, Placement, plan
+
+NS_MODES = ("placed", "balanced", "gather")
 NsAxis = Union[None, str, Sequence[str]]
 UNCONSTRAINED = P.UNCONSTRAINED
 
@@ -123,7 +63,7 @@ def gathered(mats: list[jax.Array], ns: Callable, mesh: Mesh) -> list[jax.Array]
 
 def balanced(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, ...]):
     """Zero-redundancy mode: same-shape matrices batched, padded, all-to-all'd so that each device of
-    ``ns_axes`` holds whole matrices, orthogonalised, and returned (module docstring)."""
+    ``ns_axes`` holds whole matrices, orthogonalised, and returned (docs/distributed.md)."""
     n = math.prod(mesh.shape[a] for a in ns_axes)
     on_ns_axes = NamedSharding(mesh, P(ns_axes, UNCONSTRAINED, UNCONSTRAINED))
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -143,20 +83,130 @@ def balanced(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str
     return out
 
 
+def hidden_first(shapes: list[tuple[int, int]]) -> list[bool]:
+    """Which matrices to transpose so that the dimension most matrices share (a transformer's hidden
+    size, the axis FSDP rules shard) comes first: then flattening a row-sharded matrix is local."""
+    sizes = [d for s in shapes for d in set(s)]
+    hidden = max(set(sizes), key=lambda d: (sizes.count(d), d)) if sizes else 0
+    return [s[1] == hidden and s[0] != hidden for s in shapes]
+
+
+def _window_dims(piece: int):
+    gather = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(), start_index_map=(0,))
+    scatter = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1,), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,))
+    return gather, scatter
+
+
+def pack(pieces: list[jax.Array], starts: list[np.ndarray], size: int) -> jax.Array:
+    """A flat ``[size]`` buffer with row ``k`` of ``pieces[i]`` written at element ``starts[i][k]``."""
+    flat = jnp.zeros((size,), pieces[0].dtype)
+    for x, at in zip(pieces, starts):
+        _, dims = _window_dims(x.shape[1])
+        flat = jax.lax.scatter(flat, jnp.asarray(at[:, None], jnp.int32), x, dims, indices_are_sorted=False,
+                               unique_indices=True, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return flat
+
+
+def unpack(flat: jax.Array, starts: list[np.ndarray], piece: list[int]) -> list[jax.Array]:
+    """The inverse of :func:`pack`: ``[len(starts[i]), piece[i]]`` windows read from ``flat``."""
+    out = []
+    for at, p in zip(starts, piece):
+        dims, _ = _window_dims(p)
+        out.append(jax.lax.gather(flat, jnp.asarray(at[:, None], jnp.int32), dims, (p,),
+                                  mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS))
+    return out
+
+
+def run_role(recv: jax.Array, role: tuple[Group, ...], ns: Callable) -> jax.Array:
+    """One device role: its owned matrices reassembled from ``recv`` (``[n, width]``, row ``i`` from
+    device ``i``), orthogonalised per shape (a shape and its transpose in one batch), written back."""
+    n, width = recv.shape
+    blocks = {}
+    for g in role:
+        flat = recv[:, g.offset:g.offset + g.count * g.piece].reshape(n, g.count, g.piece)
+        mats = flat.transpose(1, 0, 2).reshape(g.count, n * g.piece)[:, :math.prod(g.shape)]
+        blocks[g] = mats.reshape(g.count, *g.shape)
+    by_key: dict[tuple[int, int], list[Group]] = {}
+    for g in role:
+        by_key.setdefault(tuple(sorted(g.shape)), []).append(g)
+    for key, groups in by_key.items():
+        batch = [blocks[g] if g.shape == key else jnp.swapaxes(blocks[g], 1, 2) for g in groups]
+        done = ns(jnp.concatenate(batch) if len(batch) > 1 else batch[0])
+        for g, part in zip(groups, jnp.split(done, np.cumsum([g.count for g in groups])[:-1])):
+            blocks[g] = part if g.shape == key else jnp.swapaxes(part, 1, 2)
+    rows = []
+    for g in role:
+        flat = jnp.pad(blocks[g].reshape(g.count, -1), ((0, 0), (0, n * g.piece - math.prod(g.shape))))
+        rows.append(flat.reshape(g.count, n, g.piece).transpose(1, 0, 2).reshape(n, -1))
+    used = sum(g.count * g.piece for g in role)
+    rows.append(jnp.zeros((n, width - used), recv.dtype))
+    return jnp.concatenate(rows, axis=1)
+
+
+def exchange(local: list[jax.Array], ns: Callable, placement: Placement, starts: list[np.ndarray],
+             ns_axes: tuple[str, ...]) -> list[jax.Array]:
+    """Inside ``shard_map``: this device's pieces (``[B_i, piece_i]`` per leaf) go to their owners in
+    one all-to-all, each owner runs its role, and one all-to-all brings the results back."""
+    n, width = placement.n, placement.width
+    send = pack(local, starts, n * width).reshape(n, width)
+    recv = jax.lax.all_to_all(send, ns_axes, 0, 0, tiled=True)
+    branches = [lambda r, role=role: run_role(r, role, ns) for role in placement.roles]
+    if len(branches) == 1:
+        done = branches[0](recv)
+    else:
+        me = jax.lax.axis_index(ns_axes)
+        done = jax.lax.switch(jnp.asarray(placement.role_of, jnp.int32)[me], branches, recv)
+    back = jax.lax.all_to_all(done, ns_axes, 0, 0, tiled=True).reshape(-1)
+    return unpack(back, starts, [x.shape[1] for x in local])
+
+
+def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, ...]) -> list[jax.Array]:
+    """Cost-balanced mode: every matrix whole on the one device of ``ns_axes`` that :func:`plan`
+    gives it, one all-to-all out and one back for all leaves together (docs/distributed.md)."""
+    n = math.prod(mesh.shape[a] for a in ns_axes)
+    flip = hidden_first([m.shape[-2:] for m in mats])
+    canon = [jnp.swapaxes(m, -1, -2) if f else m for m, f in zip(mats, flip)]
+    shapes = tuple(tuple(c.shape[-2:]) for c in canon)
+    counts = tuple(math.prod(c.shape[:-2]) for c in canon)
+    placement = plan(shapes, counts, n)
+    flat_spec = NamedSharding(mesh, P(None, ns_axes))
+    flats = []
+    for c, s, b in zip(canon, shapes, counts):
+        x = c.reshape(b, math.prod(s))
+        x = jnp.pad(x, ((0, 0), (0, -x.shape[1] % n)))
+        flats.append(jax.lax.with_sharding_constraint(x, flat_spec))
+    bounds = np.cumsum((0,) + counts)
+    starts = [np.asarray(placement.owner[lo:hi]) * placement.width + np.asarray(placement.offset[lo:hi])
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    dtype = jnp.result_type(*flats)
+    mapped = jax.shard_map(
+        lambda xs: exchange([x.astype(dtype) for x in xs], ns, placement, starts, ns_axes),
+        mesh=mesh, in_specs=(P(None, ns_axes),), out_specs=P(None, ns_axes), check_vma=False)
+    outs = mapped(flats)
+    results = []
+    for o, m, c, s, f in zip(outs, mats, canon, shapes, flip):
+        r = o[:, :math.prod(s)].reshape(c.shape).astype(m.dtype)
+        results.append(jnp.swapaxes(r, -1, -2) if f else r)
+    return results
+
+
 def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns_axes: tuple[str, ...],
                           ns_mode: str, anchors: Optional[list[jax.Array]] = None) -> list[jax.Array]:
     """Applies ``ns`` (NS over the last two axes) to every array of ``mats`` (matrix axes last, any
     leading batch axes), distributed over ``ns_axes`` of ``mesh`` as ``ns_mode`` says.
 
     ``anchors``: arrays of the same shapes whose layout the results must take, normally the
-    parameters (jit inputs, so their layout is fixed); see the module docstring.
+    parameters (jit inputs, so their layout is fixed); see docs/distributed.md.
     """
     auto = _auto_axes_mesh(mesh)
 
     def run(mats):
         if ns_mode == "gather":
             return gathered(mats, ns, auto)
-        return balanced(mats, ns, auto, ns_axes)
+        if ns_mode == "balanced":
+            return balanced(mats, ns, auto, ns_axes)
+        return placed(mats, ns, auto, ns_axes)
 
     if any(t != AxisType.Auto for t in mesh.axis_types):
         # Explicit axes: the shardings are in the types; compute in Auto axes and come back to them.

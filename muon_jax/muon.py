@@ -64,7 +64,7 @@ def muon(
     mu_dtype: Optional[Any] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     ns_axis: NsAxis = None,
-    ns_mode: str = "balanced",
+    ns_mode: str = "placed",
     ns_method: str = "auto",
     ns_restarts: Optional[tuple[int, ...]] = None,
 ) -> optax.GradientTransformation:
@@ -110,9 +110,10 @@ def muon(
         single-device semantics. With a mesh, Newton–Schulz is distributed over ``ns_axis``.
       ns_axis: a mesh axis name or tuple of names (typically the data/FSDP axes) across which the NS
         work is spread; default all axes of ``mesh``.
-      ns_mode: ``"balanced"`` (each matrix orthogonalised whole by exactly one device, via an
-        all-to-all out and back) or ``"gather"`` (Moonlight's distributed Muon: every device gathers
-        and orthogonalises the full matrices); see :mod:`muon_jax.distributed`.
+      ns_mode: ``"placed"`` (default: each matrix orthogonalised whole by one device, placed so that
+        every device does about the same work; one all-to-all out and one back), ``"balanced"``
+        (same-shape batches padded to the device count) or ``"gather"`` (Moonlight's distributed
+        Muon: every device orthogonalises all full matrices); see docs/distributed.md.
 
     Returns:
       An ``optax.GradientTransformation``.

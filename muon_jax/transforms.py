@@ -110,7 +110,7 @@ def orthogonalize(
     matrix_axes: MatrixAxes = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     ns_axis: NsAxis = None,
-    ns_mode: str = "balanced",
+    ns_mode: str = "placed",
     method: str = "standard",
     restarts: Optional[tuple[int, ...]] = None,
 ) -> optax.GradientTransformation:
@@ -122,7 +122,8 @@ def orthogonalize(
     With a ``mesh`` the updates are taken to be sharded on it (``NamedSharding``, inside a jitted
     step) and the NS work is distributed over the mesh axes ``ns_axis`` (default: all), either by
     gathering each matrix everywhere (``ns_mode="gather"``, Moonlight's distributed Muon) or by
-    giving each matrix to exactly one device (``"balanced"``); see :mod:`muon_jax.distributed`.
+    giving each matrix to exactly one device (``"placed"``, cost-balanced, the default, or
+    ``"balanced"``, padded per shape); see docs/distributed.md.
 
     Args:
       steps, coeffs, eps, dtype, method, restarts: as in :func:`muon_jax.newton_schulz`

@@ -71,7 +71,7 @@ class OptimizerConfig:
     ns_dtype: str = "bfloat16"
     ns_method: str = "auto"              # Newton–Schulz: "auto" | "standard" | "gram" (muon_jax.muon)
     lr_scale: str = "moonlight"
-    ns_mode: str = "balanced"            # distributed Muon when params are sharded: "balanced" | "gather"
+    ns_mode: str = "placed"              # distributed Muon when params are sharded: "placed" | "balanced" | "gather"
     grad_clip: float = 1.0               # global-norm clip; 0 disables
     z_loss: float = 0.0                  # coefficient of log(Z)^2 (PaLM); 0 disables
 
