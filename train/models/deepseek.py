@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.models.attention import LOGIT_BLOCK
 from train.models.model_config import DeepseekV3Config
 from train.models.layers import MLP, CausalLM, Linear, RMSNorm, apply_rope, attention, make_stack, param
 
@@ -45,7 +46,7 @@ class MLAttention(nnx.Module):
         self.o_proj = Linear(h * c.v_head_dim, d, ("heads", "embed"), c, rngs=rngs, bias=bias)
         self.scale = c.qk_head_dim ** -0.5
 
-    def __call__(self, x, segment_ids, rope, with_aux):
+    def __call__(self, x, segment_ids, rope, with_aux, max_logit_block=LOGIT_BLOCK):
         b, t, _ = x.shape
         h = self.num_heads
         q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -57,7 +58,7 @@ class MLAttention(nnx.Module):
         k_rot = apply_rope(k_rot[:, :, None, :], *rope, interleaved=self.interleave)
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot, (b, t, h, self.rope_dim))], axis=-1)
-        out, max_logit = attention(q, k, v, segment_ids, self.scale, with_aux)
+        out, max_logit = attention(q, k, v, segment_ids, self.scale, max_logit_block if with_aux else None)
         return self.o_proj(out.reshape(b, t, -1)), max_logit
 
 
@@ -172,11 +173,11 @@ class DeepseekV3DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config)
         self.mlp = MoE(config, rngs=rngs) if moe else MLP(config, config.intermediate_size, rngs=rngs)
 
-    def __call__(self, x, segment_ids, rope, with_aux):
-        h, max_logit = self.self_attn(self.input_layernorm(x), segment_ids, rope, with_aux)
+    def __call__(self, x, segment_ids, rope, with_aux, max_logit_block=LOGIT_BLOCK):
+        h, max_logit = self.self_attn(self.input_layernorm(x), segment_ids, rope, with_aux, max_logit_block)
         x = x + h
         h = self.post_attention_layernorm(x)
-        aux = {"max_attn_logit": max_logit} if with_aux else {}
+        aux = {"max_attn_logit": max_logit} if max_logit is not None else {}
         if isinstance(self.mlp, MoE):
             h, moe_aux = self.mlp(h)
             aux.update(moe_aux if with_aux else {})
