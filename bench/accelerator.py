@@ -248,7 +248,12 @@ def report(quick: bool) -> str:
     path, why = attention_path(jax.default_backend(), jnp.bfloat16, 64)
     head = (f"{device_line()}{' — `--quick` (tiny shapes)' if quick else ''}. Attention (bf16): {path} — {why}. "
             f"Parts took {t1 - t0:.0f} s (NS) and {t2 - t1:.0f} s (train steps).")
-    return "\n".join([head, "", "Newton–Schulz, bf16, 5 steps:", "", *ns_table(ns), "",
+    notes = ("NS: TFLOP/s counts 5 × (4m²n + 2m³) per m×n matrix (m ≤ n); the peak is X·Xᵀ in bf16 timed "
+             "here. Train: MFU against train.mfu's peak (table for accelerators, measured matmul rate on CPU); the "
+             "step computes no max attention logit (MuonClip off); optimizer: one donating update timed alone. "
+             "GPU host: `pip install --no-index --find-links wheels grain tensorboardX && "
+             "python -m bench.accelerator --write` (wheels from `bash bench/gpu_wheels.sh`).")
+    return "\n".join([head, "", notes, "", "Newton–Schulz, bf16, 5 steps:", "", *ns_table(ns), "",
                       "Train step (Muon vs AdamW):", "", *train_table(train)])
 
 

@@ -10,7 +10,7 @@ import pytest
 import train.models.layers as layers
 from bench.accelerator import build_step
 from train.config import load_config
-from train.models.attention import LOGIT_BLOCK, attention_path, max_logit
+from train.models.attention import LOGIT_BLOCK, attention_path, fused_attention, max_logit, splash_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 B, N, K, D = 1, 4, 2, 16   # batch, query heads, key heads, head dim of the compiled-memory tests
@@ -52,6 +52,15 @@ def test_blockwise_max_logit_matches_float64(block):
     allowed = np.tril(np.ones((t, t), bool)) & (s[:, :, None] == s[:, None, :])
     expected = np.where(allowed[:, None], scores, -np.inf).max(axis=(0, 2, 3))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_tpu_splash_path_equals_xla_in_interpret_mode():
+    # the TPU kernel (segment ids, GQA as one MQA kernel per key head), run by the Pallas interpreter on CPU
+    t = 128
+    q, k, v = qkv(t, dqk=128, dv=128)
+    seg = packed_segments(t)
+    np.testing.assert_allclose(splash_attention(q, k, v, seg, 0.1, interpret=True),
+                               fused_attention(q, k, v, seg, 0.1, "xla"), atol=1e-5)
 
 
 def test_attention_path_per_backend():

@@ -251,7 +251,8 @@ class Logger:
         self.flops_per_s_per_token = (None if peak is None else
                                       flops_per_token(run.model_cfg, cfg.seq_len) / (peak * run.mesh.size))
         # without MuonClip the step computes no max logit: measure it here, at logging steps only
-        self.probe = None if cfg.muon_clip.enabled else make_logit_probe(run.graphdef, cfg.global_batch // cfg.grad_accum)
+        micro_batch = cfg.global_batch // cfg.grad_accum
+        self.probe = None if cfg.muon_clip.enabled else make_logit_probe(run.graphdef, micro_batch)
         self.t_log = self.t_start = time.perf_counter()
         self.losses, self.last_val = [], None
 
@@ -262,7 +263,8 @@ class Logger:
         tokens_per_s = self.tokens_per_step * len(fetched) / (now - self.t_log)
         if self.probe is not None:
             state = self.run.state
-            fetched = [*fetched[:-1], {**fetched[-1], **to_host(self.probe(state["params"], state["variables"], batch))}]
+            logits = to_host(self.probe(state["params"], state["variables"], batch))
+            fetched = [*fetched[:-1], {**fetched[-1], **logits}]
         mfu = None if self.flops_per_s_per_token is None else tokens_per_s * self.flops_per_s_per_token
         row = metrics_row(fetched, tokens_per_s, mfu, skipped)
         self.losses.append((step, row["loss"]))

@@ -59,9 +59,10 @@ def same_segment_mask(segment_ids):
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-def splash_attention(q, k, v, segment_ids, scale):
+def splash_attention(q, k, v, segment_ids, scale, interpret: bool = False):
     """Causal splash attention with segment ids on TPU: q [B, T, N, D], k/v [B, T, K, D] (GQA: one MQA kernel per
-    key head), returns [B, T, N, D]. Single-device kernel, vmapped over batch and key heads."""
+    key head), returns [B, T, N, D]. Single-device kernel, vmapped over batch and key heads; `interpret` runs the
+    Pallas kernel in interpret mode (any backend, for tests)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -71,7 +72,7 @@ def splash_attention(q, k, v, segment_ids, scale):
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = splash.make_splash_mqa_single_device(masks.MultiHeadMask([masks.CausalMask((t, t))] * (n // kv)),
-                                                  block_sizes=sizes)
+                                                  block_sizes=sizes, interpret=interpret)
     segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
     qh = (q * scale).reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)   # [B, K, G, T, D]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [B, K, T, D]
