@@ -63,13 +63,18 @@ def test_tpu_splash_path_equals_xla_in_interpret_mode():
                                fused_attention(q, k, v, seg, 0.1, "xla"), atol=1e-5)
 
 
-def test_attention_path_per_backend():
+def test_attention_path_per_backend(monkeypatch):
     assert attention_path("cpu", jnp.bfloat16, 64)[0] == "xla"
     assert attention_path("tpu", jnp.bfloat16, 64)[0] == "splash"
     gpu, why = attention_path("gpu", jnp.bfloat16, 192)
     assert gpu in ("cudnn", "cudnn_mask") and "cuDNN" in why
     assert attention_path("gpu", jnp.float32, 64)[0] == "xla"        # cuDNN flash wants bf16/fp16
     assert attention_path("gpu", jnp.bfloat16, 512)[0] == "xla"      # beyond cuDNN's head dim
+    monkeypatch.setenv("MUON_JAX_ATTENTION", "xla")
+    assert attention_path("gpu", jnp.bfloat16, 64) == ("xla", "set by MUON_JAX_ATTENTION")
+    monkeypatch.setenv("MUON_JAX_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="MUON_JAX_ATTENTION='flash' is not one of"):
+        attention_path("cpu", jnp.bfloat16, 64)
 
 
 def step_temp_bytes(t: int, max_logit_block, clip: bool) -> int:

@@ -10,6 +10,9 @@ Which kernel runs (`attention_path`, logged once at start by the trainer):
   turns into an additive bias of the fused kernel; should a later jax accept segment ids, they are passed instead.
   Other dtypes/head dims fall back to the XLA path.
 * TPU: splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with segment ids, no T×T mask.
+  The kernel is single-device: on a multi-chip mesh it still needs a shard_map over the batch axes (not done yet).
+
+MUON_JAX_ATTENTION=xla|cudnn_mask|splash overrides the choice (e.g. to rule out a kernel when a run fails).
 
 `max_logit` gives MuonClip its per-head max pre-softmax logit over query blocks: memory O(B·N·block·T) instead of
 the [B, N, T, T] float32 logits. Kimi K2 computes the same max inside its attention kernel.
@@ -17,6 +20,7 @@ the [B, N, T, T] float32 logits. Kimi K2 computes the same max inside its attent
 from __future__ import annotations
 
 import inspect
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,7 @@ SPLASH_BLOCK = 512     # splash attention tile (clamped to T)
 CUDNN_MAX_HEAD_DIM = 256
 # parameter names under which a future jax.nn.dot_product_attention may take segment ids (none up to jax 0.11)
 SEGMENT_PARAMS = ("query_segment_ids", "key_value_segment_ids")
+IMPLEMENTATIONS = ("xla", "cudnn", "cudnn_mask", "splash")
 
 
 def cudnn_takes_segment_ids() -> bool:
@@ -38,6 +43,11 @@ def attention_path(backend: str, dtype, head_dim: int) -> tuple[str, str]:
     """(implementation, why) of the attention used for `backend` ('cpu', 'gpu', 'tpu'), compute dtype and head dim.
 
     implementation is one of 'xla', 'cudnn' (segment ids), 'cudnn_mask' (packing as a mask) and 'splash'."""
+    forced = os.environ.get("MUON_JAX_ATTENTION")
+    if forced:
+        if forced not in IMPLEMENTATIONS:
+            raise ValueError(f"MUON_JAX_ATTENTION={forced!r} is not one of {IMPLEMENTATIONS}; unset it or pick one")
+        return forced, "set by MUON_JAX_ATTENTION"
     if backend == "tpu":
         return "splash", "TPU: splash attention with segment ids (no T×T mask)"
     if backend in ("gpu", "cuda"):
