@@ -77,10 +77,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in accumulated], [r["loss"] for r in whole], rtol=2e-3)
 
 
-def test_muon_clip_caps_the_attention_logits(tmp_path):
+def test_muon_clip_caps_the_attention_logits(tmp_path, caplog):
     tau, common = 0.3, ["steps=12", "log.every=1", "log.eval_every=1000", "optimizer.learning_rate=0.05"]
-    _, rows = run(tmp_path, "clip", *common, "muon_clip.enabled=true", f"muon_clip.tau={tau}")
-    _, free = run(tmp_path, "free", *common)  # the same run without MuonClip
+    with caplog.at_level("INFO", logger="train"):
+        _, rows = run(tmp_path, "clip", *common, "muon_clip.enabled=true", f"muon_clip.tau={tau}")
+        # the same run without MuonClip: its step computes no max logit, the loop measures it at logging steps
+        _, free = run(tmp_path, "free", *common)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.getMessage().startswith("attention:")] \
+        == ["attention: xla"] * 2   # the attention path is logged once per run
     assert all(len(r["max_attn_logit_per_layer"]) == 2 for r in rows)
     # the logits the steps measure (before their own clip) grow well past tau without MuonClip and stay near it
     # with it: each step's clip bounds the logits the next step measures, up to the drift of one update

@@ -27,11 +27,11 @@ from train.config import Config, ConfigError
 from train.decode import generate
 from train.metrics import MetricsWriter, metrics_row, progress_line
 from train.mfu import flops_per_token, peak_flops
-from train.models import build_model, param_counts
+from train.models import attention_path, build_model, param_counts
 from train.optim import make_optimizer, make_schedule
 from train.runtime import (batch_sharding, cache_dir, data_parallel_size, global_batch_array, local_rows,
                            make_mesh, model_config_for, replicated, to_host)
-from train.step import make_eval_step, make_train_step
+from train.step import make_eval_step, make_logit_probe, make_train_step
 
 log = logging.getLogger("train")
 
@@ -148,12 +148,20 @@ def setup(cfg: Config, inputs: Callable[[Config, jax.sharding.Mesh], RunInputs])
     run_inputs = inputs(cfg, mesh)
     model_cfg = model_config_for(cfg, run_inputs.tokenizer)
     graphdef, state, tx, schedule, labels = initial_state(cfg, model_cfg, mesh, run_inputs)
+    log.info("attention: %s (%s)", *attention_path(jax.default_backend(), model_cfg.dtype, head_dim(model_cfg)))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, labels, model_cfg),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
     ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     return Run(cfg, run_dir, mesh, run_inputs, model_cfg, graphdef, state, step_fn, make_eval_step(graphdef),
                [local_rows(b) for b in run_inputs.val_batches], ckpt)
+
+
+def head_dim(model_cfg) -> int:
+    """The head dim the attention kernel sees (MLA: the larger of the q/k and v widths, padded to one)."""
+    if hasattr(model_cfg, "qk_nope_head_dim"):
+        return max(model_cfg.qk_nope_head_dim + model_cfg.qk_rope_head_dim, model_cfg.v_head_dim)
+    return model_cfg.head_dim
 
 
 def resume(run: Run) -> None:
@@ -239,15 +247,26 @@ class Logger:
         cfg, self.run = run.cfg, run
         self.writer = MetricsWriter(run.run_dir, cfg.log.tensorboard)
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
-        self.flops_per_s_per_token = flops_per_token(run.model_cfg, cfg.seq_len) / (peak_flops() * run.mesh.size)
+        peak = peak_flops(cache=cache_dir())
+        self.flops_per_s_per_token = (None if peak is None else
+                                      flops_per_token(run.model_cfg, cfg.seq_len) / (peak * run.mesh.size))
+        # without MuonClip the step computes no max logit: measure it here, at logging steps only
+        micro_batch = cfg.global_batch // cfg.grad_accum
+        self.probe = None if cfg.muon_clip.enabled else make_logit_probe(run.graphdef, micro_batch)
         self.t_log = self.t_start = time.perf_counter()
         self.losses, self.last_val = [], None
 
-    def log(self, step: int, fetched: list[dict], skipped: int) -> None:
-        """Write the row of the steps in `fetched` (ending at `step`), evaluating when it is time."""
+    def log(self, step: int, fetched: list[dict], skipped: int, batch: dict) -> None:
+        """Write the row of the steps in `fetched` (ending at `step`, whose batch was `batch`), evaluating when it
+        is time."""
         cfg, now = self.run.cfg, time.perf_counter()
         tokens_per_s = self.tokens_per_step * len(fetched) / (now - self.t_log)
-        row = metrics_row(fetched, tokens_per_s, tokens_per_s * self.flops_per_s_per_token, skipped)
+        if self.probe is not None:
+            state = self.run.state
+            logits = to_host(self.probe(state["params"], state["variables"], batch))
+            fetched = [*fetched[:-1], {**fetched[-1], **logits}]
+        mfu = None if self.flops_per_s_per_token is None else tokens_per_s * self.flops_per_s_per_token
+        row = metrics_row(fetched, tokens_per_s, mfu, skipped)
         self.losses.append((step, row["loss"]))
         if step % cfg.log.eval_every == 0 or step == cfg.steps:
             self.last_val = row["val_loss"] = evaluate(self.run)
@@ -272,7 +291,7 @@ def run_steps(run: Run, last_step: int) -> Logger:
         if step % cfg.log.every == 0 or step == cfg.steps or checkpoint_now:
             fetched, pending = to_host(pending), []
             nan_policy.check(fetched, step)
-            logger.log(step, fetched, nan_policy.skipped)
+            logger.log(step, fetched, nan_policy.skipped, batch)
         if checkpoint_now:
             save(run, step)
     finish_saving(run)

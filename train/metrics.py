@@ -50,7 +50,7 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def metrics_row(fetched: list[dict], tokens_per_s: float, mfu: float, skipped: int) -> dict:
+def metrics_row(fetched: list[dict], tokens_per_s: float, mfu: float | None, skipped: int) -> dict:
     """The logged row for a group of steps: mean loss over them, the last step's other metrics (lists stay lists)."""
     m = fetched[-1]
     return {"loss": float(np.mean([f["loss"] for f in fetched])), "lr": float(m["lr"]),
@@ -59,9 +59,14 @@ def metrics_row(fetched: list[dict], tokens_per_s: float, mfu: float, skipped: i
                for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "finite")}}
 
 
+def format_mfu(mfu: float | None) -> str:
+    """'MFU 41.3%', or 'MFU n/a' where the device's peak is unknown."""
+    return "MFU n/a" if mfu is None else f"MFU {100 * mfu:.1f}%"
+
+
 def progress_line(step: int, steps: int, row: dict, eta_seconds: float) -> str:
     """step, loss, val loss, lr, grad norm, tokens/s, MFU and ETA on one line."""
     val = f" | val {row['val_loss']:.4f}" if "val_loss" in row else ""
     return (f"step {step:>6}/{steps} | loss {row['loss']:.4f}{val} | lr {row['lr']:.2e} | "
-            f"gnorm {row['grad_norm']:.2f} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | MFU {100 * row['mfu']:.1f}% "
+            f"gnorm {row['grad_norm']:.2f} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | {format_mfu(row['mfu'])} "
             f"| ETA {format_eta(eta_seconds)}")

@@ -3,28 +3,37 @@
 FLOPs/token (training: forward + backward = 3 × forward) follow PaLM's accounting (Chowdhery et al. 2022, App. B):
 `6·N + 6·L·T·(attention width of QKᵀ + AV)`, where N counts the weights a token is multiplied by (active experts
 only; the input embedding is a lookup, not a matmul) and T is the sequence length. Causal masking is not
-subtracted, as is customary.
+subtracted, as is customary. Peak FLOP/s: a table of accelerators, a rate measured once on CPU, and None
+('MFU n/a') for any other device.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from train.models import DeepseekV3Config, param_counts
 
-# Dense peak FLOP/s per device in the compute dtype (bf16 for accelerators; CPU: float32 FMA estimate per core).
+# Dense bf16 peak FLOP/s per device, matched on `device_kind` (longest key first). CPU is measured, not listed.
 PEAK_FLOPS = {
-    "H100": 989e12,     # H100 SXM bf16 dense
+    "H100": 989e12,        # H100 SXM
     "H200": 989e12,
     "A100": 312e12,
     "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
     "TPU v5": 459e12,
-    "cpu": 50e9,        # per core: a rough AVX2/AVX-512 f32 FMA figure; MFU on CPU is an estimate
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
 }
+CPU_MATMUL_SIZE = 2048      # n of the n×n float32 matmuls timed to measure a CPU's peak
+CPU_PEAK_FILE = "cpu_peak_flops.json"
 
 
 def flops_per_token(config, seq_len: int) -> float:
@@ -38,13 +47,58 @@ def flops_per_token(config, seq_len: int) -> float:
     return 6.0 * matmul_params + 6.0 * config.num_hidden_layers * seq_len * width
 
 
-def peak_flops(device: jax.Device | None = None) -> float:
-    """Peak FLOP/s of one device, matched on its `device_kind` (longest key first); CPU: per-core figure × cores."""
+def cpu_key() -> str:
+    """The CPU model and core count: what a measured CPU peak is valid for."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model} x{os.cpu_count()}"
+
+
+def measure_cpu_flops(n: int = CPU_MATMUL_SIZE, repeats: int = 3) -> float:
+    """FLOP/s of the fastest of `repeats` n×n float32 matmuls (after a compile-and-warm-up call) on the CPU."""
+    cpu = jax.devices("cpu")[0]
+    a, b = (jax.device_put(jax.random.normal(jax.random.key(i), (n, n), jnp.float32), cpu) for i in (0, 1))
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def cpu_peak_flops(cache: Path | None = None) -> float:
+    """This machine's CPU matmul rate, measured once and cached in `cache`/cpu_peak_flops.json by `cpu_key()`."""
+    path, key = (Path(cache) / CPU_PEAK_FILE if cache else None), cpu_key()
+    known = {}
+    if path is not None and path.is_file():
+        try:
+            known = json.loads(path.read_text())
+        except ValueError:
+            known = {}  # a torn write: measure again
+    if key not in known:
+        known[key] = measure_cpu_flops()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)  # atomic: concurrent runs never read half a file
+    return known[key]
+
+
+def peak_flops(device: jax.Device | None = None, cache: Path | None = None) -> float | None:
+    """Peak FLOP/s of one device: the table's dense bf16 figure for a known accelerator; on CPU the measured
+    matmul rate (`cpu_peak_flops`) shared by the process's CPU devices; None for an unknown device ("MFU n/a")."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
-        return PEAK_FLOPS["cpu"] * (os.cpu_count() or 1) / max(1, len(jax.local_devices()))
-    kind = device.device_kind
+        return cpu_peak_flops(cache) / max(1, len(jax.local_devices(backend="cpu")))
+    kind = device.device_kind.lower()
     for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key.lower() in kind.lower():
+        if key.lower() in kind:
             return PEAK_FLOPS[key]
-    return float("nan")
+    return None

@@ -3,6 +3,11 @@
 State is a plain dict `{step, params, opt_state, variables}` of nnx `State`s split from the model: `params` are the
 `nnx.Param`s, `variables` the rest (e.g. the MoE balancing bias). A step whose loss or gradient norm is not finite
 leaves the state unchanged (`metrics["finite"]` says so; the loop applies the NaN policy).
+
+The step holds no T×T tensor of its own. With MuonClip on, it computes the per-head max attention logit blockwise
+(train/models/attention.py:max_logit, O(T·block) memory). With MuonClip off it does no max-logit work at all: the
+loop logs `max_attn_logit` only at logging steps, through `make_logit_probe` (the same blockwise computation, a
+separate forward pass on the first micro-batch of that step's batch, with the updated params).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from flax import nnx
 
 from train.config import Config
 from train.models import update_balancing_bias
+from train.models.attention import LOGIT_BLOCK
 from train.models.qk_clip import attn_logit_metrics, qk_clip_params, qk_clip_stats
 
 MAX_LOGIT = "max_attn_logit"  # the aux output that is a max over micro-batches (the others are sums)
@@ -32,11 +38,13 @@ def is_moe(model_cfg) -> bool:
     return bool(getattr(model_cfg, "n_routed_experts", 0)) and model_cfg.num_moe_layers > 0
 
 
-def make_loss_fn(graphdef, z_loss: float):
-    """loss(params, variables, batch) -> (loss + z-loss, (loss, aux)) for `jax.value_and_grad(has_aux=True)`."""
+def make_loss_fn(graphdef, z_loss: float, max_logit_block: int | None = None):
+    """loss(params, variables, batch) -> (loss + z-loss, (loss, aux)) for `jax.value_and_grad(has_aux=True)`;
+    aux has the max attention logits only when `max_logit_block` is set."""
     def loss_fn(params, variables, batch):
         model = nnx.merge(graphdef, params, variables)
-        logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True)
+        logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True,
+                            max_logit_block=max_logit_block)
         loss, z = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         return loss + z, (loss, aux)
     return loss_fn
@@ -55,7 +63,8 @@ def accumulate_gradients(grad_fn, params, variables, batch: dict, accum: int):
     (_, (loss0, aux0)), grads0 = jax.eval_shape(
         lambda: grad_fn(params, variables, jax.tree.map(lambda x: x[0], micro)))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads0, loss0, aux0))
-    zeros[2][MAX_LOGIT] = jnp.full(aux0[MAX_LOGIT].shape, -jnp.inf, aux0[MAX_LOGIT].dtype)
+    if MAX_LOGIT in aux0:
+        zeros[2][MAX_LOGIT] = jnp.full(aux0[MAX_LOGIT].shape, -jnp.inf, aux0[MAX_LOGIT].dtype)
     (grads, loss, aux), _ = jax.lax.scan(add, zeros, micro)
     grads, loss = jax.tree.map(lambda x: x / accum, (grads, loss))
     return grads, loss, {k: v if k == MAX_LOGIT else v / accum for k, v in aux.items()}
@@ -72,10 +81,16 @@ def update_rms(updates, labels, lr) -> dict:
     return metrics
 
 
-def make_train_step(cfg: Config, graphdef, tx, schedule, labels, model_cfg):
-    """train_step(state, batch) -> (state, metrics): accumulate gradients, update, QK-clip, MoE bias, NaN guard."""
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.optimizer.z_loss), has_aux=True)
+def make_train_step(cfg: Config, graphdef, tx, schedule, labels, model_cfg, max_logit_block: int | None = None):
+    """train_step(state, batch) -> (state, metrics): accumulate gradients, update, QK-clip, MoE bias, NaN guard.
+
+    `max_logit_block`: query rows per block of the max-logit computation. None: `LOGIT_BLOCK` with MuonClip, no
+    max-logit work without. Set, the metrics carry the max logit whatever MuonClip says; `seq_len` lowers the
+    dense computation the step did before issue 16 (a [B, K, G, T, T] float32 tensor per layer)."""
     clip, moe = cfg.muon_clip, is_moe(model_cfg)
+    if max_logit_block is None and clip.enabled:
+        max_logit_block = LOGIT_BLOCK
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.optimizer.z_loss, max_logit_block), has_aux=True)
 
     def train_step(state, batch):
         params, variables = state["params"], state["variables"]
@@ -96,8 +111,11 @@ def make_train_step(cfg: Config, graphdef, tx, schedule, labels, model_cfg):
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(opt_state, state["opt_state"]), "variables": keep(new_variables, variables)}
         lr = schedule(state["step"])
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **update_rms(updates, labels, lr),
-                   **(qk_clip_stats(aux[MAX_LOGIT], clip.tau) if clip.enabled else attn_logit_metrics(aux[MAX_LOGIT]))}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, **update_rms(updates, labels, lr)}
+        if clip.enabled:
+            metrics.update(qk_clip_stats(aux[MAX_LOGIT], clip.tau))
+        elif MAX_LOGIT in aux:
+            metrics.update(attn_logit_metrics(aux[MAX_LOGIT]))
         if moe:
             load = aux["expert_load"]
             metrics["expert_load_max_over_mean"] = (load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)).max()
@@ -113,3 +131,15 @@ def make_eval_step(graphdef):
         logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
         return cross_entropy(logits, batch["targets"], batch["loss_mask"], 0.0)[0]
     return jax.jit(eval_step)
+
+
+def make_logit_probe(graphdef, rows: int):
+    """jitted probe(params, variables, batch) -> `attn_logit_metrics` of the first `rows` rows of `batch`: the
+    max attention logit, blockwise, for runs whose step does not compute it (MuonClip off)."""
+    def probe(params, variables, batch):
+        model = nnx.merge(graphdef, params, variables)
+        part = {k: batch[k][:rows] for k in ("inputs", "segment_ids", "positions")}
+        _, aux = model(part["inputs"], part["segment_ids"], part["positions"], return_aux=True,
+                       max_logit_block=LOGIT_BLOCK)
+        return attn_logit_metrics(aux[MAX_LOGIT])
+    return jax.jit(probe)

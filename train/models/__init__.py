@@ -12,6 +12,7 @@ from train.models.model_config import (
     model_config_from_hf,
     param_counts,
 )
+from train.models.attention import attention_path
 from train.models.deepseek import DeepseekV3, ExpertBias, update_balancing_bias
 from train.models.llama import Llama
 from train.models.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
@@ -46,7 +47,7 @@ def build_model(config, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None
 
 __all__ = [
     "DEFAULT_RULES", "DeepseekV3", "DeepseekV3Config", "ExpertBias", "Llama", "LlamaConfig", "Qwen2Config",
-    "abstract_model", "build_model", "logical_to_spec", "model_class", "model_config_from_dict",
+    "abstract_model", "attention_path", "build_model", "logical_to_spec", "model_class", "model_config_from_dict",
     "model_config_from_hf", "param_counts",
     "state_shardings", "update_balancing_bias",
 ]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.models.attention import LOGIT_BLOCK
 from train.models.model_config import DeepseekV3Config, yarn_mscale
 from train.models.layers import (MLP, CausalLM, Linear, RMSNorm, apply_rope, attention, cache_mask, decode_stack,
                                  make_stack, param, rope_angles)
@@ -69,7 +70,7 @@ class MLAttention(nnx.Module):
         k_rot = apply_rope(k_rot[:, :, None, :], *rope, interleaved=self.interleave)[:, :, 0]
         return self.kv_a_layernorm(latent), k_rot
 
-    def __call__(self, x, segment_ids, rope, with_aux):
+    def __call__(self, x, segment_ids, rope, with_aux, max_logit_block=LOGIT_BLOCK):
         b, t, _ = x.shape
         h = self.num_heads
         q_nope, q_rot = self.queries(x, rope)
@@ -78,7 +79,7 @@ class MLAttention(nnx.Module):
                               axis=-1)
         q = jnp.concatenate([q_nope, q_rot], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot[:, :, None], (b, t, h, self.rope_dim))], axis=-1)
-        out, max_logit = attention(q, k, v, segment_ids, self.scale, with_aux)
+        out, max_logit = attention(q, k, v, segment_ids, self.scale, max_logit_block if with_aux else None)
         return self.o_proj(out.reshape(b, t, -1)), max_logit
 
     def decode(self, x, rope, cache, index):
@@ -215,10 +216,11 @@ class DeepseekV3DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config)
         self.mlp = MoE(config, rngs=rngs) if moe else MLP(config, config.intermediate_size, rngs=rngs)
 
-    def __call__(self, x, segment_ids, rope, with_aux):
-        h, max_logit = self.self_attn(self.input_layernorm(x), segment_ids, rope, with_aux)
+    def __call__(self, x, segment_ids, rope, with_aux, max_logit_block=LOGIT_BLOCK):
+        h, max_logit = self.self_attn(self.input_layernorm(x), segment_ids, rope, with_aux, max_logit_block)
         x, moe_aux = self.feed_forward(x + h)
-        return x, ({"max_attn_logit": max_logit, **moe_aux} if with_aux else {})
+        aux = {"max_attn_logit": max_logit} if max_logit is not None else {}
+        return x, ({**aux, **moe_aux} if with_aux else {})
 
     def feed_forward(self, x):
         """x + mlp(post_attention_layernorm(x)), and the MoE's aux ({} for a dense layer)."""

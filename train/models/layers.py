@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.models.attention import LOGIT_BLOCK, attention_path, fused_attention, max_logit
 from train.models.model_config import rope_attention_factor, rope_inv_freq
 
 
@@ -89,30 +90,24 @@ def apply_rope(x, cos, sin, interleaved=False):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, segment_ids, scale, with_max_logit):
-    """Causal (and same-segment) attention via `jax.nn.dot_product_attention`.
+def attention(q, k, v, segment_ids, scale, max_logit_block=None):
+    """Causal (and same-segment) attention by the backend's kernel (train/models/attention.py).
 
     q [B, T, N, Dqk], k [B, T, K, Dqk] (GQA: N a multiple of K), v [B, T, K, Dv]. Returns the output
-    [B, T, N, Dv] and, when asked, the max pre-softmax logit per head [N] (float32) over allowed pairs.
+    [B, T, N, Dv] and, when `max_logit_block` is set, the max pre-softmax logit per head [N] (float32) over allowed
+    pairs, computed `max_logit_block` query rows at a time (else None: no logit work at all).
     """
-    b, t, n, dqk = q.shape
-    mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    dv = v.shape[-1]
-    if dv != dqk:  # the fused kernel wants one head dim: zero-pad the smaller side (logits/outputs unchanged)
+    dqk, dv = q.shape[-1], v.shape[-1]
+    implementation, _ = attention_path(jax.default_backend(), q.dtype, max(dqk, dv))
+    qp, kp, vp = q, k, v
+    if dv != dqk:  # the fused kernels want one head dim: zero-pad the smaller side (logits/outputs unchanged)
         pad = lambda a, to: jnp.pad(a, [(0, 0)] * 3 + [(0, to - a.shape[-1])])
         width = max(dv, dqk)
-        q, k, v = pad(q, width), pad(k, width), pad(v, width)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True)[..., :dv]
-    if not with_max_logit:
+        qp, kp, vp = pad(q, width), pad(k, width), pad(v, width)
+    out = fused_attention(qp, kp, vp, segment_ids, scale, implementation)[..., :dv]
+    if max_logit_block is None:
         return out, None
-    kv_heads = k.shape[2]
-    logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kv_heads, n // kv_heads, -1).astype(jnp.float32),
-                        k.astype(jnp.float32)) * scale
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None]
-    if segment_ids is not None:
-        allowed = allowed & mask[:, 0]
-    logits = jnp.where(allowed[:, None, None], logits, -jnp.inf)
-    return out, logits.max(axis=(0, 3, 4)).reshape(n)
+    return out, max_logit(q, k, segment_ids, scale, max_logit_block)
 
 
 def cached_attention(q, k_cache, v_cache, index, scale):
@@ -199,8 +194,11 @@ class CausalLM(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs=rngs)
 
-    def __call__(self, tokens, segment_ids=None, positions=None, return_aux=False):
-        """tokens [B, T] int -> logits [B, T, vocab] float32 (and an aux dict when `return_aux`)."""
+    def __call__(self, tokens, segment_ids=None, positions=None, return_aux=False, max_logit_block=LOGIT_BLOCK):
+        """tokens [B, T] int -> logits [B, T, vocab] float32 (and an aux dict when `return_aux`).
+
+        aux holds "max_attn_logit" [num_layers, num_heads] when `max_logit_block` is set (query rows per block of
+        its computation, train/models/attention.py:max_logit); None leaves it out and does no logit work."""
         if positions is None:
             positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if segment_ids is None
                          else segment_positions(segment_ids))
@@ -209,13 +207,13 @@ class CausalLM(nnx.Module):
         aux = []
         for stack in self.stacks():
             x, layer_aux = run_stack(stack, x, self.config.remat, segment_ids=segment_ids, rope=rope,
-                                     with_aux=return_aux)
+                                     with_aux=return_aux, max_logit_block=max_logit_block)
             aux.append(layer_aux)
         logits = self.output_logits(x)
         if not return_aux:
             return logits
-        merged = {"max_attn_logit": jnp.concatenate([a["max_attn_logit"] for a in aux])}
-        for key in ("expert_load", "dropped_tokens"):
+        merged = {}
+        for key in ("max_attn_logit", "expert_load", "dropped_tokens"):
             parts = [a[key] for a in aux if key in a]
             if parts:
                 merged[key] = jnp.concatenate(parts)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.models.attention import LOGIT_BLOCK
 from train.models.model_config import LlamaConfig
 from train.models.layers import (
     MLP,
@@ -38,10 +39,11 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
-    def __call__(self, x, segment_ids, rope, with_aux):
+    def __call__(self, x, segment_ids, rope, with_aux, max_logit_block=LOGIT_BLOCK):
         b, t, _ = x.shape
         q, k, v = self.qkv(x, rope)
-        out, max_logit = attention(q, k, v, segment_ids, self.head_dim ** -0.5, with_aux)
+        out, max_logit = attention(q, k, v, segment_ids, self.head_dim ** -0.5,
+                                   max_logit_block if with_aux else None)
         return self.o_proj(out.reshape(b, t, -1)), max_logit
 
     def decode(self, x, rope, cache, index):
@@ -62,11 +64,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config)
         self.mlp = MLP(config, config.intermediate_size, rngs=rngs)
 
-    def __call__(self, x, segment_ids, rope, with_aux):
-        h, max_logit = self.self_attn(self.input_layernorm(x), segment_ids, rope, with_aux)
+    def __call__(self, x, segment_ids, rope, with_aux, max_logit_block=LOGIT_BLOCK):
+        h, max_logit = self.self_attn(self.input_layernorm(x), segment_ids, rope, with_aux, max_logit_block)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, ({"max_attn_logit": max_logit} if with_aux else {})
+        return x, ({"max_attn_logit": max_logit} if max_logit is not None else {})
 
     def decode(self, x, *, rope, cache, index):
         """One layer of the KV-cache path (see `Llama.decode`)."""
