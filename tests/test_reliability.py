@@ -1,4 +1,5 @@
-"""Fault injection: SIGKILL and resume, corrupt checkpoints, NaN policy, bad input, disk full, lost process."""
+"""Fault injection: SIGKILL and resume, corrupt checkpoints, NaN policy, bad input, disk full, lost process;
+preemption (SIGTERM/SIGINT) and elastic resume on fewer devices or processes."""
 import json
 import os
 import random
@@ -18,9 +19,12 @@ import pytest
 
 import train.step as step_mod
 from train.checkpoint import CheckpointError, Checkpointer
+from train.cli import PREEMPTED_EXIT_CODE
 from train.config import ConfigError, load_config
-from train.data import DataError
-from train.loop import NonFiniteLoss, train
+from train.data import DataError, load_corpus, make_train_iterator
+from train.loop import Logger, NonFiniteLoss, prepare_run_dir, pretraining_inputs, resume, setup, train
+from train.preemption import Preempted
+from train.runtime import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
@@ -159,20 +163,194 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert train(config(run_dir, "steps=6", "checkpoint.every=2"))["start_step"] == 2
 
 
-@pytest.mark.slow
-def test_lost_process_fails_the_other_instead_of_hanging(tmp_path):
+def start_processes(run_dir, n, *overrides):
+    """`n` trainer processes of one jax.distributed job on localhost, one CPU device each."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen([sys.executable, "-m", "train", *SMALL, "mesh.data=-1", f"run_dir={run_dir}", *overrides,
+                              "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(n)]
+
+
+@pytest.mark.slow
+def test_lost_process_fails_the_other_instead_of_hanging(tmp_path):
     run_dir = tmp_path / "mp"
-    procs = [subprocess.Popen([sys.executable, "-m", "train", *SMALL, "mesh.data=-1", "steps=100000", "log.every=1",
-                               f"run_dir={run_dir}", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                               "--process-id", str(i), "--heartbeat-timeout", "5"],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = start_processes(run_dir, 2, "steps=100000", "log.every=1", "--heartbeat-timeout", "5")
     wait_for_step(run_dir, 2, procs[0])
     procs[1].send_signal(signal.SIGKILL)
     _, err = procs[0].communicate(timeout=120)  # a survivor that hangs fails the test here
     assert procs[0].returncode != 0
     assert "stopped sending heartbeats" in err or "unhealthy" in err, err[-2000:]
+
+
+def preempted_line(out):
+    lines = [line for line in out.splitlines() if line.startswith("preempted")]
+    assert len(lines) == 1, out[-2000:]
+    return lines[0]
+
+
+def assert_each_step_once_and_equal(run_dir, expected, steps):
+    """No step was recomputed (each logged once) and every loss is bit-identical to the uninterrupted run's."""
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert [r["loss"] for r in rows] == [expected[s] for s in range(1, steps + 1)]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_reached_and_the_rerun_is_bit_identical(tmp_path):
+    common = ["steps=12", "log.every=1", "checkpoint.every=1000"]
+    train(config(tmp_path / "straight", *common))
+    run_dir, target = tmp_path / "preempted", random.Random(1).randint(2, 8)
+    proc = subprocess.Popen([sys.executable, "-m", "train", *SMALL, f"run_dir={run_dir}", *common], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, target, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    reached = metrics(run_dir)[-1]["step"]  # the step in flight when the signal came, logged before exiting
+    assert target <= reached < 12 and Checkpointer(run_dir).steps() == [reached]
+    assert preempted_line(out) == (f"preempted at step {reached}; checkpoint written to "
+                                   f"{run_dir.resolve() / 'checkpoints' / str(reached)}; rerun the same command to "
+                                   "continue")
+    assert train(config(run_dir, *common))["start_step"] == reached
+    assert_each_step_once_and_equal(run_dir, losses(tmp_path / "straight"), 12)
+
+
+def test_second_sigterm_during_the_save_changes_nothing(tmp_path, monkeypatch):
+    common = ["steps=8", "log.every=1", "checkpoint.every=2", "checkpoint.keep=5"]
+    run_dir, original_save, original_log = tmp_path / "r", Checkpointer.save, Logger.log
+    step2 = {}
+
+    def log(self, step, fetched, skipped):  # the first SIGTERM arrives while step 3 runs
+        original_log(self, step, fetched, skipped)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def save(self, step, **kw):
+        original_save(self, step, **kw)
+        if step == 3:  # the second arrives while the asynchronous write of step 3 is under way
+            step2.update({p: p.read_bytes() for p in (self.directory / "2").rglob("*") if p.is_file()})
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Logger, "log", log)
+    monkeypatch.setattr(Checkpointer, "save", save)
+    with pytest.raises(Preempted, match=r"^preempted at step 3; checkpoint written to .*/checkpoints/3;") as e:
+        train(config(run_dir, *common, "checkpoint.async_save=true"))
+    assert e.value.signals == ["SIGTERM", "SIGTERM"]
+    assert step2 and all(p.read_bytes() == b for p, b in step2.items())  # the previous checkpoint is untouched
+    ckpt = Checkpointer(run_dir)
+    assert ckpt.steps() == [2, 3]
+    for step in (2, 3):  # both restore
+        ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_compile_exits_cleanly_without_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *SMALL, f"run_dir={run_dir}", "steps=4"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("model "), line + proc.communicate()[1][-3000:]  # printed just before step 1 compiles
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert preempted_line(out) == ("preempted before step 1 (SIGINT); no checkpoint written; rerun the same "
+                                   "command to start")
+    assert "Traceback" not in err and Checkpointer(run_dir).steps() == []
+    assert not (run_dir / "metrics.jsonl").is_file() or not metrics(run_dir)
+
+
+def test_resume_on_fewer_devices_restores_into_the_new_shardings(tmp_path):
+    common = ["steps=8", "log.every=1", "checkpoint.every=4"]
+    train(config(tmp_path / "straight", *common, "mesh.data=2", "mesh.fsdp=4"))
+    # the same run as if preempted after step 4: its checkpoint of step 4 and the metrics up to it
+    run_dir = tmp_path / "r"
+    shutil.copytree(tmp_path / "straight", run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "8")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(run_dir)[:4]))
+    four = config(run_dir, *common, "mesh.fsdp=4")
+    run = setup(four, pretraining_inputs)
+    fresh = jax.tree.map(lambda x: x.sharding, run.state)
+    resume(run)
+    run.ckpt.close()
+    assert run.start == 4 and run.mesh.size == 4
+    # params and optimizer state come back laid out on the new mesh exactly as a fresh state there would be
+    same = jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding == s, run.state, fresh))
+    assert len(same) > 10 and all(same)
+    assert train(four)["start_step"] == 4
+    expected, got = losses(tmp_path / "straight"), losses(run_dir)
+    np.testing.assert_allclose([got[s] for s in range(5, 9)], [expected[s] for s in range(5, 9)], rtol=1e-4)
+
+
+class RecordingIterator:
+    """A train iterator that keeps the token ids of every batch it hands out."""
+
+    def __init__(self, it):
+        self.it, self.inputs = it, []
+
+    def __next__(self):
+        batch = next(self.it)
+        self.inputs.append(batch["inputs"])
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_then_resume_on_two_or_one(tmp_path):
+    common = ["steps=10", "log.every=1", "checkpoint.every=1000"]
+    for p in start_processes(tmp_path / "straight", 2, *common):
+        assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
+    run_dir, target = tmp_path / "preempted", random.Random(2).randint(2, 6)
+    procs = start_processes(run_dir, 2, *common)
+    wait_for_step(run_dir, target, procs[0])
+    procs[1].send_signal(signal.SIGTERM)  # only the second process is told
+    lines = []
+    for p in procs:  # neither may hang: both stop after the same step
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+        lines.append(preempted_line(out))
+    reached = metrics(run_dir)[-1]["step"]
+    assert lines[0] == lines[1] and lines[0].startswith(f"preempted at step {reached};") and target <= reached < 10
+    assert Checkpointer(run_dir).steps() == [reached]
+    shutil.copytree(run_dir, tmp_path / "one")
+    for p in start_processes(run_dir, 2, *common):  # the same command again
+        assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
+    expected = losses(tmp_path / "straight")
+    assert_each_step_once_and_equal(run_dir, expected, 10)
+
+    # the checkpoint of 2 processes resumed by 1 (on 2 devices): the same global batches, close losses
+    recording = {}
+
+    def inputs(cfg, mesh):
+        run_inputs = pretraining_inputs(cfg, mesh)
+        run_inputs.train_iter = recording["it"] = RecordingIterator(run_inputs.train_iter)
+        return run_inputs
+
+    assert train(config(tmp_path / "one", *common, "mesh.data=2"), inputs=inputs)["start_step"] == reached
+    cfg = config(tmp_path / "x", *common)
+    corpus = load_corpus(cfg.data, cache_dir())
+    kw = dict(seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    whole = make_train_iterator(corpus, **kw)
+    halves = [make_train_iterator(corpus, process_index=i, process_count=2, **kw) for i in range(2)]
+    global_batches = [next(whole)["inputs"] for _ in range(10)]
+    for b in global_batches:  # what the 2 processes saw, row for row
+        np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), b)
+    np.testing.assert_array_equal(np.stack(recording["it"].inputs), np.stack(global_batches[reached:]))
+    got = losses(tmp_path / "one")
+    np.testing.assert_allclose([got[s] for s in range(reached + 1, 11)],
+                               [expected[s] for s in range(reached + 1, 11)], rtol=1e-4)
+
+
+def test_global_batch_change_on_resume_is_refused(tmp_path):
+    run_dir = tmp_path / "r"
+    prepare_run_dir(config(run_dir, "steps=2"))  # what the first run's start-up writes
+    with pytest.raises(ConfigError, match=r"global_batch=32 differs from global_batch=16 .* must keep global_batch"):
+        train(config(run_dir, "steps=4", "global_batch=32"))

@@ -12,7 +12,7 @@ LAYERS = [
     {"data": ["train.data"], "models": ["train.models"]},
     {"runtime": ["train.runtime"], "mfu": ["train.mfu"], "plot": ["train.plot"], "plan": ["train.plan"]},
     {"optim": ["train.optim"], "checkpoint": ["train.checkpoint"], "step": ["train.step"],
-     "decode": ["train.decode"], "metrics": ["train.metrics"]},
+     "decode": ["train.decode"], "metrics": ["train.metrics"], "preemption": ["train.preemption"]},
     {"pretrained": ["train.pretrained"]},
     {"loop": ["train.loop"]},
     {"cli": ["train.cli"]},

@@ -13,8 +13,12 @@ from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
 from train.loop import NonFiniteLoss
+from train.preemption import Preempted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLoss)
+# EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry". A scheduler's requeue hook can tell
+# a preempted run (rerun it) from success (0), a crash (1) and a user error (2).
+PREEMPTED_EXIT_CODE = 75
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +45,8 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 def run_job(job: Callable[[], object]) -> int:
     """Run `job()` with the trainer's logging; a user-facing error (bad config or data, unusable checkpoint,
-    non-finite loss) prints one line and exits 2 instead of a traceback."""
+    non-finite loss) prints one line and exits 2 instead of a traceback; a run stopped by SIGTERM/SIGINT (checkpointed
+    at the step it reached) prints one line and exits PREEMPTED_EXIT_CODE (75)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("absl", "orbax", "jax._src"):
@@ -51,4 +56,7 @@ def run_job(job: Callable[[], object]) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(e, flush=True)
+        return PREEMPTED_EXIT_CODE
     return 0

@@ -29,6 +29,7 @@ from train.metrics import MetricsWriter, metrics_row, progress_line
 from train.mfu import flops_per_token, peak_flops
 from train.models import attention_path, build_model, param_counts
 from train.optim import make_optimizer, make_schedule
+from train.preemption import Preempted, StopSignal
 from train.runtime import (batch_sharding, cache_dir, data_parallel_size, global_batch_array, local_rows,
                            make_mesh, model_config_for, replicated, to_host)
 from train.step import make_eval_step, make_logit_probe, make_train_step
@@ -78,13 +79,20 @@ class Run:
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create run_dir and write config.yaml; on resume, refuse a config whose model or data differ."""
+    """Create run_dir and write config.yaml; on resume, refuse a config whose model, data or global batch differ."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = yaml.safe_load(saved.read_text()) or {}
         new = cfg.to_dict()
+        if old.get("global_batch", cfg.global_batch) != cfg.global_batch:
+            # the data iterator's position and the schedule count global batches: another size would repeat or
+            # skip examples. The mesh, process count and grad_accum may change.
+            raise ConfigError(
+                f"global_batch={cfg.global_batch} differs from global_batch={old['global_batch']} of the run in "
+                f"{run_dir}; a resumed run must keep global_batch (the mesh, process count and grad_accum may "
+                "change). Set global_batch back, or choose a new run_dir=")
         for section in ("model", "data", "seq_len"):
             if old.get(section) != new.get(section):
                 raise ConfigError(
@@ -277,26 +285,60 @@ class Logger:
             print(progress_line(step, cfg.steps, row, eta), flush=True)
 
 
-def run_steps(run: Run, last_step: int) -> Logger:
-    """Steps start+1 … last_step: fetch metrics at log and checkpoint steps, apply the NaN policy, then save."""
+def flush_metrics(run: Run, logger: Logger, nan_policy: NanPolicy, pending: list, step: int, batch: dict) -> None:
+    """Fetch the metrics of the steps up to `step` (whose batch was `batch`), apply the NaN policy and log them."""
+    fetched = to_host(pending)
+    nan_policy.check(fetched, step)
+    logger.log(step, fetched, nan_policy.skipped, batch)
+
+
+def run_steps(run: Run, last_step: int, stop: StopSignal | None = None) -> Logger:
+    """Steps start+1 … last_step: fetch metrics at log and checkpoint steps, apply the NaN policy, then save.
+
+    When `stop` (SIGTERM/SIGINT, agreed by all processes) asks, the run ends after the step in flight: that step
+    is logged and checkpointed synchronously, and `Preempted` is raised. A request that came before the first
+    step was dispatched (during set-up or compilation) drops that step and writes nothing."""
     cfg, logger, nan_policy = run.cfg, Logger(run), NanPolicy(run)
+    stop = stop or StopSignal()
     sharding = batch_sharding(run.mesh, (cfg.global_batch, cfg.seq_len))
-    pending = []
-    for step in range(run.start + 1, last_step + 1):
+    pending, step, batch = [], run.start, None
+    while step < last_step and not stop.agreed(run.mesh):
         batch = global_batch_array(next(run.inputs.train_iter), sharding)
-        run.state, metrics = run.step_fn(run.state, batch)
+        step += 1
+        run.state, metrics = run.step_fn(run.state, batch)  # the first call compiles
         pending.append(metrics)
+        if step == run.start + 1 and stop.agreed(run.mesh, wait=True):
+            step, pending = run.start, []
+            break
         checkpoint_now = step % cfg.checkpoint.every == 0 or step == last_step
         # a checkpoint is written only after its steps were checked for NaN
         if step % cfg.log.every == 0 or step == cfg.steps or checkpoint_now:
-            fetched, pending = to_host(pending), []
-            nan_policy.check(fetched, step)
-            logger.log(step, fetched, nan_policy.skipped, batch)
+            flush_metrics(run, logger, nan_policy, pending, step, batch)
+            pending = []
         if checkpoint_now:
             save(run, step)
+    if step < last_step:
+        preempt(run, logger, nan_policy, pending, step, batch, stop)
     finish_saving(run)
     logger.writer.close()
     return logger
+
+
+def preempt(run: Run, logger: Logger, nan_policy: NanPolicy, pending: list, step: int, batch: dict | None,
+            stop: StopSignal) -> None:
+    """End the run after `step` (whose batch was `batch`) on a stop request: log its pending metrics, checkpoint it
+    (unless no step ran or the loop already saved it) and wait for the write; raises Preempted."""
+    log.warning("%s received: stopping after step %d", stop.received[0] if stop.received else "stop request", step)
+    checkpoint = None
+    if step > run.start:
+        if pending:
+            flush_metrics(run, logger, nan_policy, pending, step, batch)
+        if step % run.cfg.checkpoint.every:
+            save(run, step)
+        checkpoint = run.ckpt.directory / str(step)
+    finish_saving(run)
+    logger.writer.close()
+    raise Preempted(step, checkpoint, stop.received or ["a stop request"])
 
 
 def sample(run: Run) -> str:
@@ -318,25 +360,28 @@ def train(cfg: Config, stop_after: int | None = None,
 
     `stop_after`: leave after this many steps of this invocation, checkpointed, as a preempted job would (the
     schedule still spans `cfg.steps`; run again to continue). `inputs(cfg, mesh)` makes the run's data and
-    initial model (`RunInputs`)."""
-    run = setup(cfg, inputs)
-    resume(run)
-    total_params, active_params = param_counts(run.model_cfg)
-    if jax.process_index() == 0:
-        print(f"model {run.model_cfg.model_type}: {total_params / 1e6:.2f}M params ({active_params / 1e6:.2f}M "
-              f"active), tokenizer {run.inputs.tokenizer.name} ({run.inputs.tokenizer.vocab_size}), "
-              f"{run.inputs.description}; optimizer {cfg.optimizer.name}; steps {run.start}→{cfg.steps}", flush=True)
-    summary = {"run_dir": str(run.run_dir), "start_step": run.start, "total_params": total_params,
-               "active_params": active_params, **run.inputs.summary}
-    if run.inputs.eval_at_start and run.start == 0:
-        summary["initial_val_loss"] = evaluate(run)
+    initial model (`RunInputs`). SIGTERM or SIGINT (Ctrl-C) ends the run after the step in flight, checkpointed,
+    with `train.preemption.Preempted`."""
+    with StopSignal() as stop:  # from here on SIGTERM/SIGINT stop the run cleanly (see train/preemption.py)
+        run = setup(cfg, inputs)
+        resume(run)
+        total_params, active_params = param_counts(run.model_cfg)
         if jax.process_index() == 0:
-            print(f"step      0/{cfg.steps} | val {summary['initial_val_loss']:.4f}", flush=True)
-    last_step = cfg.steps if stop_after is None else min(cfg.steps, run.start + stop_after)
-    logger = run_steps(run, last_step)
-    summary.update(steps=last_step, losses=logger.losses, val_loss=logger.last_val,
-                   seconds=time.perf_counter() - logger.t_start)
-    if cfg.log.sample_tokens and jax.process_count() == 1 and last_step == cfg.steps > run.start:
-        summary["sample"] = sample(run)
-        print(f"--- sample ({cfg.log.sample_tokens} tokens) ---\n{summary['sample']}\n---", flush=True)
+            print(f"model {run.model_cfg.model_type}: {total_params / 1e6:.2f}M params ({active_params / 1e6:.2f}M "
+                  f"active), tokenizer {run.inputs.tokenizer.name} ({run.inputs.tokenizer.vocab_size}), "
+                  f"{run.inputs.description}; optimizer {cfg.optimizer.name}; steps {run.start}→{cfg.steps}",
+                  flush=True)
+        summary = {"run_dir": str(run.run_dir), "start_step": run.start, "total_params": total_params,
+                   "active_params": active_params, **run.inputs.summary}
+        if run.inputs.eval_at_start and run.start == 0:
+            summary["initial_val_loss"] = evaluate(run)
+            if jax.process_index() == 0:
+                print(f"step      0/{cfg.steps} | val {summary['initial_val_loss']:.4f}", flush=True)
+        last_step = cfg.steps if stop_after is None else min(cfg.steps, run.start + stop_after)
+        logger = run_steps(run, last_step, stop)
+        summary.update(steps=last_step, losses=logger.losses, val_loss=logger.last_val,
+                       seconds=time.perf_counter() - logger.t_start)
+        if cfg.log.sample_tokens and jax.process_count() == 1 and last_step == cfg.steps > run.start:
+            summary["sample"] = sample(run)
+            print(f"--- sample ({cfg.log.sample_tokens} tokens) ---\n{summary['sample']}\n---", flush=True)
     return summary
