@@ -44,8 +44,13 @@ class DataConfig:
     vocab_size: int = 4096            # size of the trained "bpe" vocabulary
     val_fraction: float = 0.05        # held-out share: whole documents, or the tail of a single document
     shuffle: bool = True
+    skip_bad_lines: bool = False      # preparing: malformed JSONL lines are skipped and counted instead of an error
+    workers: int = 0                  # grain threads building batches ahead (0: in the training thread)
+    prefetch: int = 2                 # batches built ahead per worker thread
 
     def __post_init__(self):
+        if self.workers < 0 or self.prefetch < 0:
+            raise ConfigError(f"data.workers={self.workers}, data.prefetch={self.prefetch}: must be >= 0")
         if self.format not in DATA_FORMATS:
             raise ConfigError(f"data.format={self.format!r}: must be one of {DATA_FORMATS}")
         if not 0 < self.val_fraction < 1:
