@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from train.config import DataConfig
-from train.data.shards import (CHUNK_TOKENS, FORMAT, MANIFEST, WRITER_OPTIONS, file_sha256, is_prepared,
-                               read_manifest, token_dtype, tokenizer_record)
+from train.data.shards import (CHUNK_TOKENS, FORMAT, MANIFEST, WRITER_OPTIONS, encode_record, file_sha256,
+                               is_prepared, read_manifest, token_dtype, tokenizer_record)
 from train.data.sources import (DataError, Unit, atomic_write, files_digest, iter_pieces, plan_units,
                                 source_files)
+from train.data.tokenizers import ByteTokenizer
 
 UNIT_BYTES = 64 << 20
 BATCH_BYTES = 1 << 20   # pieces tokenized per call: bounds a worker's memory
@@ -60,7 +61,7 @@ class _SplitWriter:
         if whole and self.writer is None:
             self.writer = ArrayRecordWriter(str(self.path), WRITER_OPTIONS)
         for a in range(0, whole, self.chunk):
-            self.writer.write(ids[a:a + self.chunk].tobytes())
+            self.writer.write(encode_record(ids[a:a + self.chunk]))
             self.records += 1
         self.pending, self.n_pending = [ids[whole:]], len(ids) - whole
 
@@ -74,16 +75,45 @@ def _tokenize(batch: list, tokenizer) -> list[tuple[np.ndarray, bool]]:
     """(ids with eos appended where a piece ends its document, is it held out) for each piece."""
     if batch and isinstance(batch[0].text, np.ndarray):
         return [(p.text, p.val) for p in batch]
+    if isinstance(tokenizer, ByteTokenizer):  # bytes are their ids: skip a Python int per byte
+        return [(np.concatenate([np.frombuffer(p.text.encode("utf-8"), np.uint8), [tokenizer.eos_id] * p.eos])
+                 .astype(np.int32), p.val) for p in batch]
     encoded = tokenizer.encode_batch([p.text for p in batch])
     return [(np.asarray(ids + [tokenizer.eos_id] * p.eos, np.int32), p.val) for ids, p in zip(encoded, batch)]
 
 
 def _prepare_unit(job: tuple) -> int:
-    """Tokenize unit `index` into its shards and part file; returns the unit index."""
+    """Tokenize unit `index` into its shards and part file; returns the unit index. On an error the unit's
+    temporary files are removed, so nothing half-written is left."""
     index, unit, cfg, tokenizer, out, chunk = job
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(out / f".{s}-{index:05d}.arrayrecord.tmp{os.getpid()}", chunk, dtype,
                                tokenizer.vocab_size) for s in SPLITS}
+    try:
+        skipped = _fill(unit, cfg, tokenizer, writers)
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            if w.writer is not None:
+                w.writer.close()
+            w.path.unlink(missing_ok=True)
+        raise
+    part = {"unit": dataclasses.asdict(unit), "skipped": skipped, "splits": {}}
+    for split, w in writers.items():
+        name = f"{split}-{index:05d}.arrayrecord"
+        info = {"file": name, "records": w.records, "tokens": w.tokens, "documents": w.documents}
+        if w.records:
+            w.path.replace(out / name)
+            info.update(bytes=(out / name).stat().st_size, sha256=file_sha256(out / name))
+        part["splits"][split] = info
+        np.save(out / "parts" / f"unit-{index:05d}-{split}.npy", w.counts)
+    atomic_write(out / "parts" / f"unit-{index:05d}.json", lambda tmp: tmp.write_text(json.dumps(part)))
+    return index
+
+
+def _fill(unit: Unit, cfg: DataConfig, tokenizer, writers: dict) -> int:
+    """Stream the unit's pieces, tokenized a batch at a time, into the split writers; returns lines skipped."""
     stats, batch, size = {}, [], 0
 
     def flush():
@@ -102,18 +132,7 @@ def _prepare_unit(job: tuple) -> int:
             flush()
             size = 0
     flush()
-    part = {"unit": dataclasses.asdict(unit), "skipped": stats.get("skipped", 0), "splits": {}}
-    for split, w in writers.items():
-        w.close()
-        name = f"{split}-{index:05d}.arrayrecord"
-        info = {"file": name, "records": w.records, "tokens": w.tokens, "documents": w.documents}
-        if w.records:
-            w.path.replace(out / name)
-            info.update(bytes=(out / name).stat().st_size, sha256=file_sha256(out / name))
-        part["splits"][split] = info
-        np.save(out / "parts" / f"unit-{index:05d}-{split}.npy", w.counts)
-    atomic_write(out / "parts" / f"unit-{index:05d}.json", lambda tmp: tmp.write_text(json.dumps(part)))
-    return index
+    return stats.get("skipped", 0)
 
 
 def _init_worker(progress) -> None:

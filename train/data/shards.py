@@ -1,7 +1,8 @@
 """The prepared-corpus format: a directory of ArrayRecord shards of token ids and a `manifest.json`.
 
 Each split (`train`, `val`) is one token stream: its documents' ids, each document followed by eos, cut into
-records of `chunk_tokens` ids (raw little-endian uint16, or int32 for vocabularies over 65,536). Shards hold
+records of `chunk_tokens` ids (raw little-endian uint16, or int32 for vocabularies over 65,536; then the CRC-32 of
+those bytes, 4 bytes little-endian, checked on every read, so a damaged shard is named, not trained on). Shards hold
 consecutive records and the stream is the shards in manifest order; only a shard's last record may be short.
 Fixed-length chunks (not one record per document) make any token span a lookup of at most
 `span // chunk_tokens + 2` records, with no per-document index whose size would grow with the corpus.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,12 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
+def encode_record(ids: np.ndarray) -> bytes:
+    """A record: the ids' bytes and their CRC-32."""
+    raw = ids.tobytes()
+    return raw + zlib.crc32(raw).to_bytes(4, "little")
+
+
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -112,24 +120,28 @@ class TokenStream:
         record = self._record_starts[shard] + local // self.chunk
         wanted, inverse = np.unique(record, return_inverse=True)
         table = np.zeros((len(wanted), self.chunk), np.int32)
-        for i, raw in enumerate(self._records(wanted)):
-            ids = np.frombuffer(raw, self.dtype)
+        for i, (r, raw) in enumerate(zip(wanted, self._records(wanted))):
+            if len(raw) < 4 or zlib.crc32(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                self._corrupt(r, "record checksum mismatch")
+            ids = np.frombuffer(raw[:-4], self.dtype)
             table[i, :len(ids)] = ids
         return table[inverse.reshape(pos.shape), local % self.chunk]
 
     def _records(self, ids: np.ndarray) -> list[bytes]:
         try:
             return self._source.__getitems__([int(i) for i in ids])
-        except Exception as e:  # riegeli reports a checksum or framing error without the file name
-            shard = self.paths[np.searchsorted(self._record_starts, ids, side="right")[0] - 1]
+        except Exception as e:  # riegeli reports a framing or header error without the file name
             for i in ids:
                 try:
                     self._source[int(i)]
                 except Exception:
-                    shard = self.paths[np.searchsorted(self._record_starts, i, side="right") - 1]
-                    break
-            raise DataError(f"{shard}: corrupt shard ({e}); prepare the corpus again "
-                            "(python -m train.prepare_data) or restore the file") from e
+                    self._corrupt(i, str(e))
+            raise
+
+    def _corrupt(self, record: int, why: str):
+        shard = int(np.searchsorted(self._record_starts, record, side="right") - 1)
+        raise DataError(f"{self.paths[shard]}: corrupt shard (record {record - self._record_starts[shard]}: "
+                        f"{why}); prepare the corpus again (python -m train.prepare_data) or restore the file")
 
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, step = index.indices(self.n_tokens)
