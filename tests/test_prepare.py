@@ -130,7 +130,9 @@ def test_killed_preparation_resumes_without_redoing_finished_shards(prepared, tm
     again = prepare_mod.prepare(DataConfig(source=src, tokenizer="byte"), part, ByteTokenizer(), processes=1,
                                 unit_bytes=int(0.05 * 2 ** 20), progress=False)
     assert redone == list(range(2, len(manifest["splits"]["train"]["shards"])))
-    assert again == manifest
+    assert again["units_run"] == len(redone)
+    assert {k: v for k, v in again.items() if k not in ("seconds", "units_run")} == {
+        k: v for k, v in manifest.items() if k not in ("seconds", "units_run")}
 
 
 def test_bad_lines_are_named_or_counted_and_nothing_is_half_written(tmp_path):
@@ -146,6 +148,6 @@ def test_bad_lines_are_named_or_counted_and_nothing_is_half_written(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp*"))  # the failed unit left no shard behind either
     skip = DataConfig(source=str(src), tokenizer="byte", skip_bad_lines=True)
     manifest = prepare_mod.prepare(skip, tmp_path / "skip", ByteTokenizer(), processes=1, unit_bytes=50_000,
-                            progress=False)
+                                   progress=False)
     assert manifest["skipped_lines"] == 1
     assert sum(manifest["splits"][s]["documents"] for s in ("train", "val")) == 599

@@ -213,7 +213,7 @@ def _run_units(jobs: list[tuple], processes: int, total_bytes: int, progress: bo
     bar.close()
 
 
-def _finish(out: Path, plan: dict, tokenizer) -> dict:
+def _finish(out: Path, plan: dict, tokenizer, run: dict) -> dict:
     """Write the manifest (and the train split's unigram counts) from the finished units' part files."""
     parts = [json.loads((out / "parts" / f"unit-{i:05d}.json").read_text()) for i in range(len(plan["units"]))]
     splits = {}
@@ -230,7 +230,7 @@ def _finish(out: Path, plan: dict, tokenizer) -> dict:
     if hasattr(tokenizer, "tokenizer"):  # a tokenizers.Tokenizer: the directory carries it
         tokenizer.tokenizer.save(str(out / "tokenizer.json"))
     manifest = {k: plan[k] for k in ("format", "source", "files", "read", "tokenizer", "chunk_tokens", "dtype")}
-    manifest.update(skipped_lines=sum(p["skipped"] for p in parts), splits=splits)
+    manifest.update(skipped_lines=sum(p["skipped"] for p in parts), splits=splits, **run)
     atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return manifest
 
@@ -255,5 +255,8 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, tokenizer, *, processes: in
     todo = [i for i in range(len(units)) if not _done(out, i)]
     sizes = [(u.end if u.end is not None else Path(u.path).stat().st_size) - u.start for u in units]
     jobs = [(i, units[i], cfg, tokenizer, out, chunk) for i in todo]
-    _run_units(jobs, processes or os.cpu_count() or 1, sum(sizes[i] for i in todo), progress)
-    return _finish(out, plan, tokenizer)
+    processes, start = processes or os.cpu_count() or 1, time.time()
+    _run_units(jobs, processes, sum(sizes[i] for i in todo), progress)
+    # how this call went (a resumed run counts only its own units' time)
+    run = {"seconds": round(time.time() - start, 3), "processes": processes, "units_run": len(todo)}
+    return _finish(out, plan, tokenizer, run)
