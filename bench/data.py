@@ -170,9 +170,10 @@ def main() -> None:
     chosen = args.stages.split(",") if args.stages else list(stages(d, args.big_gb))
     for name, run in stages(d, args.big_gb).items():
         if name not in res and name in chosen:
+            needs = {"prepare_200mb": "c200m.jsonl", "first_run_raw60mb": "raw60m.txt", "prepare_big": "big.jsonl"}
             for file_name, size, jsonl, seed in (("raw60m.txt", 60e6, False, 1), ("c200m.jsonl", 200e6, True, 2),
                                                  ("big.jsonl", args.big_gb * 1e9, True, 3)):
-                if not (d / file_name).exists() and (file_name != "big.jsonl" or "big" in name or "pipe" in name):
+                if needs.get(name) == file_name and not (d / file_name).exists():
                     print(f"generating {d / file_name}", flush=True)
                     word_salad(d / file_name, int(size), jsonl, seed)
             print(f"measuring {name}", flush=True)
@@ -181,7 +182,9 @@ def main() -> None:
                 m = json.loads(next((d / "cache_raw").glob("prepared-*/manifest.json")).read_text())
                 res[name]["bpe_tokens_per_s"] = (m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
                                                  ) / m["seconds"]
-            file.write_text(json.dumps(res, indent=1))
+            saved = json.loads(file.read_text()) if file.exists() else {}  # another run may have added some
+            file.write_text(json.dumps({**saved, name: res[name]}, indent=1))
+            res = {**saved, **res}
     md = table(res, args.big_gb)
     print(md)
     if args.write:

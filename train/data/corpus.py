@@ -28,7 +28,7 @@ from train.data.prepare import prepare
 from train.data.shards import (CHUNK_TOKENS, FORMAT, TokenStream, check_tokenizer, is_prepared, read_manifest,
                                tokenizer_record)
 from train.data.sources import PIECE_BYTES, DataError, digest, files_digest, source_files
-from train.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer
+from train.data.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +63,8 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
 
 
 def _prepared_tokenizer(cfg: DataConfig, root: Path, manifest: dict, cache: Path) -> Tokenizer:
-    """The configured tokenizer, checked against the one that prepared `root` ("bpe": the one stored there)."""
-    made = manifest["tokenizer"]
-    if cfg.tokenizer == "bpe":
-        if made["name"] != f"bpe{cfg.vocab_size}" or not (root / "tokenizer.json").is_file():
-            raise DataError(f"{root} was prepared with tokenizer {made['name']} (vocab {made['vocab_size']}), "
-                            f"not a trained bpe{cfg.vocab_size}; set data.tokenizer (and data.vocab_size) to the "
-                            "ones that prepared it")
-        from tokenizers import Tokenizer as HFTok
-        tokenizer = HFTokenizer(HFTok.from_file(str(root / "tokenizer.json")), made["name"])
-    else:
-        tokenizer = load_tokenizer(cfg, cache)
+    """The configured tokenizer ("bpe": the one stored in `root`), checked against the one that prepared `root`."""
+    tokenizer = load_tokenizer(cfg, cache)
     check_tokenizer(manifest, tokenizer, str(root), cfg.tokenizer)
     return tokenizer
 

@@ -107,7 +107,7 @@ def _prepare_unit(job: tuple) -> int:
             w.path.replace(out / name)
             info.update(bytes=(out / name).stat().st_size, sha256=file_sha256(out / name))
         part["splits"][split] = info
-        np.save(out / "parts" / f"unit-{index:05d}-{split}.npy", w.counts)
+        atomic_write(out / "parts" / f"unit-{index:05d}-{split}.npy", lambda tmp, c=w.counts: np.save(tmp, c))
     atomic_write(out / "parts" / f"unit-{index:05d}.json", lambda tmp: tmp.write_text(json.dumps(part)))
     return index
 
@@ -226,7 +226,7 @@ def _finish(out: Path, plan: dict, tokenizer, run: dict) -> dict:
             raise DataError(f"data.source={plan['source']!r}: the {split} split (documents held out by hash) "
                             f"tokenized to nothing; {fix}")
         counts = sum(np.load(out / "parts" / f"unit-{i:05d}-{split}.npy") for i in range(len(parts)))
-        np.save(out / f"unigram-{split}.npy", counts)
+        atomic_write(out / f"unigram-{split}.npy", lambda tmp, c=counts: np.save(tmp, c))
     if hasattr(tokenizer, "tokenizer"):  # a tokenizers.Tokenizer: the directory carries it
         tokenizer.tokenizer.save(str(out / "tokenizer.json"))
     manifest = {k: plan[k] for k in ("format", "source", "files", "read", "tokenizer", "chunk_tokens", "dtype")}

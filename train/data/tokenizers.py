@@ -99,6 +99,17 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=self.skip_special_tokens)
 
 
+def _prepared_bpe(root: Path, vocab_size: int) -> "HFTokenizer":
+    """The "bpe" tokenizer stored in a prepared directory (trained on the source it was prepared from)."""
+    from tokenizers import Tokenizer as HFTok
+    made = _read_json(root / "manifest.json").get("tokenizer", {})
+    if made.get("name") != f"bpe{vocab_size}" or not (root / "tokenizer.json").is_file():
+        raise DataError(f"{root} was prepared with tokenizer {made.get('name')} (vocab {made.get('vocab_size')}), "
+                        f"not a trained bpe{vocab_size}; set data.tokenizer (and data.vocab_size) to the ones "
+                        "that prepared it")
+    return HFTokenizer(HFTok.from_file(str(root / "tokenizer.json")), made["name"])
+
+
 def _read_json(file: Path) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
@@ -150,6 +161,9 @@ def tokenizer_for_source(cfg: DataConfig, cache: Path, train_docs: Callable[[], 
     if cfg.tokenizer == "gpt2":
         return TiktokenTokenizer()
     from tokenizers import Tokenizer as HFTok
+    prepared = Path(cfg.source).expanduser()
+    if cfg.tokenizer == "bpe" and (prepared / "manifest.json").is_file():
+        return _prepared_bpe(prepared, cfg.vocab_size)
     if cfg.tokenizer == "bpe":
         files = source_files(cfg)
         if is_tokens(files, cfg):
