@@ -30,6 +30,7 @@ from train.data.sources import (DataError, Unit, atomic_write, files_digest, ite
 from train.data.tokenizers import ByteTokenizer
 
 UNIT_BYTES = 64 << 20
+MIN_UNIT_BYTES = 4 << 20
 BATCH_BYTES = 1 << 20   # pieces tokenized per call: bounds a worker's memory
 SPLITS = ("train", "val")
 _progress = None        # a worker's queue of (input bytes, tokens) to the parent's progress bar
@@ -243,6 +244,11 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, tokenizer, *, processes: in
     is returned as is. `processes` defaults to every local core."""
     out = Path(out).expanduser()
     files = source_files(cfg)
+    processes = processes or os.cpu_count() or 1
+    # smaller units for a small source, so every process gets one; not below MIN_UNIT_BYTES, where starting a
+    # worker process would cost more than it saves
+    total = sum(f.stat().st_size for f in files)
+    unit_bytes = min(unit_bytes, max(MIN_UNIT_BYTES, -(-total // processes)))
     units = plan_units(files, unit_bytes)
     plan = _plan(cfg, files, units, tokenizer, chunk)
     if is_prepared(out):
@@ -255,7 +261,7 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, tokenizer, *, processes: in
     todo = [i for i in range(len(units)) if not _done(out, i)]
     sizes = [(u.end if u.end is not None else Path(u.path).stat().st_size) - u.start for u in units]
     jobs = [(i, units[i], cfg, tokenizer, out, chunk) for i in todo]
-    processes, start = processes or os.cpu_count() or 1, time.time()
+    start = time.time()
     _run_units(jobs, processes, sum(sizes[i] for i in todo), progress)
     # how this call went (a resumed run counts only its own units' time)
     run = {"seconds": round(time.time() - start, 3), "processes": processes, "units_run": len(todo)}

@@ -21,7 +21,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from grain.sources import ArrayRecordDataSource
 
 from train.data.sources import DataError
 
@@ -105,6 +104,7 @@ class TokenStream:
         self.n_tokens, self.documents = info["tokens"], info["documents"]
         self._token_starts = np.cumsum([0] + [s["tokens"] for s in shards])
         self._record_starts = np.cumsum([0] + [s["records"] for s in shards])
+        from grain.sources import ArrayRecordDataSource  # here: the writing side never needs grain (nor JAX)
         self._source = ArrayRecordDataSource([str(p) for p in self.paths]) if shards else None
         counts = root / f"unigram-{split}.npy"
         self.unigram_counts = np.load(counts) if counts.is_file() else None
