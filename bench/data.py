@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_ARGS = ["steps=30", "log.every=10", "log.eval_every=1000", "checkpoint.every=1000", "log.sample_tokens=0",
+TRAIN_ARGS = ["steps=20", "log.every=10", "log.eval_every=1000", "checkpoint.every=1000", "log.sample_tokens=0",
               "log.tensorboard=false"]
 
 
@@ -52,8 +52,10 @@ def word_salad(path: Path, size: int, jsonl: bool, seed: int) -> None:
 def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd`; its wall time, exit status and peak RSS summed over its process tree."""
     start, peak = time.time(), 0
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_data_{os.getpid()}.log", "w+")
+    # a file, not a pipe: a progress bar filling an unread pipe would block the child
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
@@ -61,7 +63,9 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.05)
-    out = proc.stdout.read()
+    log.seek(0)
+    out = log.read()
+    log.close()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
     return {"seconds": time.time() - start, "peak_rss_gb": peak / 1e9, "log": out[-2000:]}
@@ -72,6 +76,7 @@ def prepare(src: Path, out: Path, tokenizer: str) -> dict:
                  "--out", str(out)])
     m = json.loads((out / "manifest.json").read_text())
     r["tokens"] = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
+    r["tokenize_seconds"], r["processes"] = m["seconds"], min(m["processes"], m["units_run"])
     r["input_gb"] = sum(f[1] for f in m["files"]) / 1e9
     return r
 
@@ -133,10 +138,11 @@ def table(res: dict, big_gb: float) -> str:
         r = res.get(name, {})
         if r:
             lines.append(f"| prepare_data, {label} JSONL (byte tokenizer): peak RSS | {r['peak_rss_gb']:.2f} GB |")
-            lines.append(f"| prepare_data, {label}: tokens/s (per core, {os.cpu_count()} cores) | "
-                         f"{r['tokens'] / r['seconds']:,.0f} ({r['tokens'] / r['seconds'] / os.cpu_count():,.0f}) |")
+            tps = r["tokens"] / r["tokenize_seconds"]
+            lines.append(f"| prepare_data, {label}: tokens/s ({r['processes']} processes; per process) | "
+                         f"{tps:,.0f} ({tps / r['processes']:,.0f}) |")
     if first:
-        lines.append(f"| first `python -m train` on raw 60 MB text (bpe 2048 trained, prepared, 30 steps): "
+        lines.append(f"| first `python -m train` on raw 60 MB text (bpe 2048 trained, prepared, 20 steps): "
                      f"peak RSS | {first['peak_rss_gb']:.2f} GB (was 12.3 GB) |")
         procs = first.get("bpe_processes", 1)
         lines.append(f"| ... its bpe tokenization: tokens/s ({procs} processes; per process) | "
