@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from train.config import ConfigError, DataConfig, config_from_dict, load_config
-from train.data import corpus as corpus_mod, tokenizers
-from train.data import (BUNDLED, ByteTokenizer, Corpus, DataError, TiktokenTokenizer, iterator_state,
-                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, read_documents, source_files,
+from train.data import prepare as prepare_mod, tokenizers
+from train.data import (BUNDLED, ByteTokenizer, Corpus, DataError, TiktokenTokenizer, TokenStream, iterator_state,
+                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, read_documents,
+                        source_files,
                         restore_iterator, split_documents, unigram_entropy)
 
 EOS = ByteTokenizer.eos_id
@@ -141,33 +142,51 @@ def test_bpe_is_trained_once_then_cached(shakespeare_50k, tmp_path, monkeypatch)
     cfg = DataConfig(source=str(shakespeare_50k), tokenizer="bpe", vocab_size=300)
     corpus = load_corpus(cfg, tmp_path)
     tok = corpus.tokenizer
-    assert tok.vocab_size == 300 and tok.eos_id < 300 and corpus.train.max() < 300
+    assert tok.vocab_size == 300 and tok.eos_id < 300 and np.asarray(corpus.train).max() < 300
     assert tok.decode(tok.encode("Wherefore art thou? ünïcode")) == "Wherefore art thou? ünïcode"
-    assert len(corpus.train) < 0.8 * 0.95 * 50_000  # even 43 merges save a fifth of the bytes
+    assert len(corpus.train) + len(corpus.val) < 0.8 * 50_000  # even 43 merges save a fifth of the bytes
     assert len(list(tmp_path.glob("bpe-*.json"))) == 1
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed instead of loaded from the cache")
     monkeypatch.setattr(tokenizers, "train_bpe", fail)
-    monkeypatch.setattr(corpus_mod, "tokenize_documents", fail)
+    monkeypatch.setattr(prepare_mod, "_prepare_unit", fail)
     again = load_corpus(cfg, tmp_path)
-    np.testing.assert_array_equal(again.train, corpus.train)
-    np.testing.assert_array_equal(again.val, corpus.val)
+    np.testing.assert_array_equal(np.asarray(again.train), np.asarray(corpus.train))
+    np.testing.assert_array_equal(np.asarray(again.val), np.asarray(corpus.val))
     assert load_tokenizer(cfg, tmp_path).encode("thou art") == tok.encode("thou art")
     with pytest.raises(AssertionError, match="recomputed"):  # another vocabulary is another tokenizer
         load_tokenizer(DataConfig(source=str(shakespeare_50k), vocab_size=320), tmp_path)
 
 
-def test_single_text_holds_out_its_tail_at_a_line_boundary(tmp_path):
-    lines = [f"line {i} of the only document" for i in range(200)]
+def test_single_text_holds_out_pieces_at_line_boundaries(tmp_path):
+    lines = [f"line {i} of the only document\n" for i in range(3000)]
     with gzip.open(tmp_path / "one.txt.gz", "wt") as f:
-        f.write("\n".join(lines) + "\n")
-    corpus = load_corpus(DataConfig(source=str(tmp_path / "one.txt.gz"), tokenizer="byte", val_fraction=0.1),
+        f.write("".join(lines))
+    corpus = load_corpus(DataConfig(source=str(tmp_path / "one.txt.gz"), tokenizer="byte", val_fraction=0.2),
                          tmp_path / "cache")
-    assert corpus.train[-1] == EOS and corpus.val[-1] == EOS
-    train, val = ByteTokenizer().decode(corpus.train), ByteTokenizer().decode(corpus.val)
-    assert train + val == "\n".join(lines) + "\n"
-    assert train.endswith("\n") and val.startswith("line 18")  # ~10 % of 200 lines, cut between lines
+    train, val = (np.asarray(s) for s in (corpus.train, corpus.val))
+    assert train[-1] == EOS and val[-1] == EOS
+    pieces = {name: ByteTokenizer().decode(t).split("\n")[:-1] for name, t in (("train", train), ("val", val))}
+    assert sorted(pieces["train"] + pieces["val"]) == sorted(x[:-1] for x in lines)  # whole lines, each once
+    assert 0.05 < len(pieces["val"]) / len(lines) < 0.5  # 11 pieces of ~8 KB, each held out by its hash
+    assert (val == EOS).sum() < (val == EOS).size  # eos only where the held-out text breaks off
+
+
+def test_text_split_does_not_depend_on_units_or_processes(tmp_path):
+    """A text file cut into byte-range units (read by 2 worker processes) prepares the same streams as one
+    unit: units cut pieces only at line ends and look one piece ahead to place eos."""
+    text = "".join(f"{'x' * (i % 50)} line {i}\n" for i in range(6000))
+    (tmp_path / "t.txt").write_text(text)
+    cfg = DataConfig(source=str(tmp_path / "t.txt"), tokenizer="byte", val_fraction=0.3)
+    one = prepare_mod.prepare(cfg, tmp_path / "one", ByteTokenizer(), processes=1, progress=False)
+    many = prepare_mod.prepare(cfg, tmp_path / "many", ByteTokenizer(), processes=2, unit_bytes=40_000,
+                               chunk=100, progress=False)
+    assert len(one["splits"]["train"]["shards"]) == 1 and len(many["splits"]["train"]["shards"]) > 3
+    for split in ("train", "val"):
+        streams = [np.asarray(TokenStream(tmp_path / d, m, split)) for d, m in (("one", one), ("many", many))]
+        np.testing.assert_array_equal(*streams)
+    assert len(one["splits"]["val"]["shards"]) and (streams[0] == EOS).sum() == one["splits"]["val"]["documents"]
 
 
 @pytest.mark.parametrize("suffix, opener", [(".jsonl", open), (".jsonl.xz", lzma.open), (".jsonl.gz", gzip.open)])
@@ -178,22 +197,23 @@ def test_jsonl_sources_hold_out_whole_documents(tmp_path, suffix, opener):
             f.write(json.dumps({"body": d, "id": 0}) + "\n")
     corpus = load_corpus(DataConfig(source=str(tmp_path / f"d{suffix}"), text_field="body", tokenizer="byte",
                                     val_fraction=0.1), tmp_path / "cache")
-    split = {name: ByteTokenizer().decode(getattr(corpus, name)) for name in ("train", "val")}
-    held = [d for d in docs if d in split["val"]]
-    assert len(held) == 4 and not any(d in split["train"] for d in held)
-    assert sum(d in split["train"] for d in docs) == 36
-    assert (corpus.train == EOS).sum() == 36 and (corpus.val == EOS).sum() == 4  # one eos per document
+    split = {name: ByteTokenizer().decode(np.asarray(getattr(corpus, name))) for name in ("train", "val")}
+    held = [d for d in docs if d + ByteTokenizer().decode([EOS]) in split["val"]]
+    assert 1 <= len(held) <= 10 and not any(d in split["train"] for d in held)
+    assert sum(d in split["train"] for d in docs) == 40 - len(held)
+    assert corpus.train.documents == 40 - len(held) and corpus.val.documents == len(held)  # one eos each
 
 
 def test_npy_token_source_holds_out_whole_documents(tmp_path):
-    docs = [np.arange(1, 10 + i) for i in range(20)]
+    docs = [np.arange(1, 10 + i) for i in range(40)]
     np.save(tmp_path / "t.npy", np.concatenate([np.append(d, EOS) for d in docs]).astype(np.int64))
     corpus = load_corpus(DataConfig(source=str(tmp_path / "t.npy"), tokenizer="byte", val_fraction=0.2),
                          tmp_path / "cache")
-    assert corpus.train.dtype == np.int32 and corpus.train[-1] == EOS and corpus.val[-1] == EOS
-    assert len(corpus.train) + len(corpus.val) == sum(len(d) + 1 for d in docs)
-    # the cut moves back to the last eos before 80 %, so val is 20 % plus at most one document
-    assert 0.2 <= len(corpus.val) / (len(corpus.train) + len(corpus.val)) < 0.2 + 29 / 390
+    train, val = np.asarray(corpus.train), np.asarray(corpus.val)
+    assert train.dtype == np.int32 and train[-1] == EOS and val[-1] == EOS
+    assert len(train) + len(val) == sum(len(d) + 1 for d in docs)
+    held = [list(d) for d in np.split(val, np.flatnonzero(val == EOS)[:-1] + 1)]
+    assert all(d[:-1] == list(range(1, len(d))) for d in held) and 1 <= len(held) <= 20  # whole documents
     with pytest.raises(DataError, match="pre-tokenized"):
         load_corpus(DataConfig(source=str(tmp_path / "t.npy"), tokenizer="bpe"), tmp_path / "cache")
 
@@ -222,7 +242,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(DataError, match="missing.txt.*no such file"):
         load_corpus(DataConfig(source=str(tmp_path / "missing.txt"), tokenizer="byte"), tmp_path)
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(DataError, match="empty.txt.*holds no text"):
+    with pytest.raises(DataError, match="empty.txt.*tokenized to nothing"):
         load_corpus(DataConfig(source=str(tmp_path / "empty.txt"), tokenizer="byte"), tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):

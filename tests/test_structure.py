@@ -16,7 +16,8 @@ LAYERS = [
     {"pretrained": ["train.pretrained"]},
     {"loop": ["train.loop"]},
     {"cli": ["train.cli"]},
-    {"sft": ["train.sft"], "generate": ["train.generate"], "main": ["train.__main__"]},
+    {"sft": ["train.sft"], "generate": ["train.generate"], "main": ["train.__main__"],
+     "prepare_data": ["train.prepare_data"]},
 ]
 MAX_FUNCTION_LINES = 60
 

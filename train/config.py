@@ -37,15 +37,22 @@ def did_you_mean(key: str, valid) -> str:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The pretraining corpus and its tokenizer (see train/data/)."""
-    source: str = "tinyshakespeare"   # bundled name ("tinyshakespeare" | "medium") or a file / directory / glob
+    source: str = "tinyshakespeare"   # bundled name ("tinyshakespeare" | "medium"), a file / directory / glob, or
+                                      # a directory made by python -m train.prepare_data
     format: str = "auto"              # "auto" (by extension) | "text" | "jsonl" | "tokens" (.npy ids)
     text_field: str = "text"          # the JSONL field holding a document
     tokenizer: str = "bpe"            # "byte" | "bpe" | "gpt2" | path to a tokenizer.json
     vocab_size: int = 4096            # size of the trained "bpe" vocabulary
-    val_fraction: float = 0.05        # held-out share: whole documents, or the tail of a single document
+    val_fraction: float = 0.05        # held-out share of documents, chosen by hash (text files: ~8 KB pieces); a
+                                      # prepared directory keeps the split it was prepared with
     shuffle: bool = True
+    skip_bad_lines: bool = False      # preparing: malformed JSONL lines are skipped and counted instead of an error
+    workers: int = 0                  # grain threads building batches ahead (0: in the training thread)
+    prefetch: int = 2                 # batches built ahead per worker thread
 
     def __post_init__(self):
+        if self.workers < 0 or self.prefetch < 0:
+            raise ConfigError(f"data.workers={self.workers}, data.prefetch={self.prefetch}: must be >= 0")
         if self.format not in DATA_FORMATS:
             raise ConfigError(f"data.format={self.format!r}: must be one of {DATA_FORMATS}")
         if not 0 < self.val_fraction < 1:

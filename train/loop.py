@@ -110,7 +110,8 @@ def pretraining_inputs(cfg: Config, mesh) -> RunInputs:
     corpus = data_lib.load_corpus(cfg.data, cache_dir())
     train_iter = data_lib.make_train_iterator(
         corpus, seq_len=cfg.seq_len, global_batch=cfg.global_batch, seed=cfg.seed, shuffle=cfg.data.shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(), worker_count=cfg.data.workers,
+        prefetch=cfg.data.prefetch)
     val_batches = data_lib.make_val_batches(corpus, seq_len=cfg.seq_len, max_batches=cfg.log.eval_batches,
                                             batch_size=cfg.global_batch // cfg.grad_accum)
     entropy = data_lib.unigram_entropy(corpus.train, corpus.tokenizer.vocab_size)

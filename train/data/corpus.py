@@ -1,22 +1,22 @@
-"""The input pipeline: documents → tokens → packed, shuffled, per-process batches (grain), with exact resume.
+"""The input pipeline: a prepared corpus → packed, shuffled, per-process batches (grain), with exact resume.
 
-1. `load_corpus` reads documents (text files, plain or `.xz`/`.gz`; JSONL with a text field; or `.npy` arrays of
-   token ids), holds out `val_fraction` of whole documents (a single-document text is split at a line near its
-   end), tokenizes each split into one stream with `eos` after every document, and caches the streams by a
-   hash of the source's bytes and the tokenizer.
-2. `make_train_iterator` cuts the train stream into windows of `seq_len + 1` tokens, shuffles them with grain (a
-   new order each epoch, from the seed), batches them and packs only this process's rows of each global batch.
-   `segment_ids` change after every `eos`, so packed documents never attend to each other, and `loss_mask`
-   skips predicting the next document's first token from the previous document's `eos`.
+1. `load_corpus` opens a prepared directory (`train.data.shards`: ArrayRecord shards of token ids, made by
+   `python -m train.prepare_data`). Any other source (text, JSONL, `.xz`/`.gz`, `.npy` ids, the bundled corpora) is
+   prepared into the cache first by the same streaming code (`train.data.prepare`), keyed by a hash of the
+   source's bytes and the tokenizer, so there is one data path. Nothing is loaded up front: the train and val
+   splits (documents held out by hash) are `TokenStream`s read by random access.
+2. `make_train_iterator` cuts the train stream into windows of `seq_len + 1` tokens, shuffles their indices with
+   grain (a new order each epoch, from the seed), batches them and reads and packs only this process's rows of
+   each global batch. `segment_ids` change after every `eos`, so packed documents never attend to each other,
+   and `loss_mask` skips predicting the next document's first token from the previous document's `eos`.
 3. The iterator is a grain `DatasetIterator`: `iterator_state` / `restore_iterator` make resume exact.
-
-Sources are read by `train.data.sources`, tokenizers made by `train.data.tokenizers`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -24,68 +24,49 @@ import grain
 import numpy as np
 
 from train.config import DataConfig
-from train.data.sources import (DataError, atomic_write, digest, files_digest, is_tokens, source_files,
-                                split_source)
-from train.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_for_source
+from train.data.prepare import prepare
+from train.data.shards import (CHUNK_TOKENS, FORMAT, TokenStream, check_tokenizer, is_prepared, read_manifest,
+                               tokenizer_record)
+from train.data.sources import PIECE_BYTES, DataError, digest, files_digest, source_files
+from train.data.tokenizers import Tokenizer, load_tokenizer
 
-
-def tokenize_documents(docs: list[str], tokenizer) -> np.ndarray:
-    """One int32 stream of all documents' ids, each followed by eos."""
-    ids = tokenizer.encode_batch(docs)
-    lengths = np.array([len(d) + 1 for d in ids])
-    out = np.full(int(lengths.sum()), tokenizer.eos_id, np.int32)  # eos already after every document
-    for start, d in zip(np.cumsum(lengths) - lengths, ids):
-        out[start:start + len(d)] = d
-    return out
-
-
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Corpus:
     tokenizer: Tokenizer
-    train: np.ndarray   # 1-D int32 token stream, documents separated by tokenizer.eos_id
-    val: np.ndarray     # same for the held-out split
+    train: TokenStream   # token stream, documents separated by tokenizer.eos_id
+    val: TokenStream     # same for the held-out documents
+    root: Path | None = None  # the prepared directory
 
 
 def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
-    """Tokenized train/val streams of `cfg.source` (cached as .npy in `cache_dir` by content and tokenizer)."""
+    """The train/val streams of `cfg.source`: a prepared directory, or any other source prepared into
+    `cache_dir` on first use (all local cores, bounded memory)."""
     cache = Path(cache_dir)
-    files = source_files(cfg)
-    if is_tokens(files, cfg):
-        return _token_corpus(files, cfg, cache)
-    split = functools.cache(lambda: split_source(cfg))  # read (and decompress) the source at most once
-    tokenizer = tokenizer_for_source(cfg, cache, lambda: split()[0])
-    key = digest(files_digest(files), cfg.format, cfg.text_field, cfg.val_fraction, cfg.tokenizer,
-                  tokenizer.name, tokenizer.vocab_size,
-                  tokenizer.encode("Muon, 2025: ünïcode ✓"))  # catches a tokenizer.json edited in place
-    paths = {name: cache / f"tokens-{key}-{name}.npy" for name in ("train", "val")}
-    if all(p.is_file() for p in paths.values()):
-        return Corpus(tokenizer, np.load(paths["train"]), np.load(paths["val"]))
-    train_docs, val_docs = split()
-    corpus = Corpus(tokenizer, tokenize_documents(train_docs, tokenizer), tokenize_documents(val_docs, tokenizer))
-    for name, path in paths.items():
-        if len(getattr(corpus, name)) <= 1:
-            raise DataError(f"data.source={cfg.source!r}: the {name} split tokenized to nothing; add text or "
-                            "lower data.val_fraction")
-        atomic_write(path, lambda tmp, arr=getattr(corpus, name): np.save(tmp, arr))
-    return corpus
+    if is_prepared(cfg.source):
+        root = Path(cfg.source).expanduser()
+        manifest = read_manifest(root)
+        tokenizer = _prepared_tokenizer(cfg, root, manifest, cache)
+    else:
+        tokenizer = load_tokenizer(cfg, cache)
+        key = digest(files_digest(source_files(cfg)), cfg.format, cfg.text_field, cfg.val_fraction,
+                     cfg.skip_bad_lines, cfg.tokenizer, tokenizer_record(tokenizer), FORMAT, CHUNK_TOKENS,
+                     PIECE_BYTES)
+        root = cache / f"prepared-{key}"
+        if not is_prepared(root):
+            log.info("preparing data.source=%s into %s (once; python -m train.prepare_data does this ahead)",
+                     cfg.source, root)
+        manifest = prepare(cfg, root, tokenizer)
+    return Corpus(tokenizer, TokenStream(root, manifest, "train"), TokenStream(root, manifest, "val"), root)
 
 
-def _token_corpus(files: list[Path], cfg: DataConfig, cache: Path) -> Corpus:
-    """Pre-tokenized ids, concatenated; the held-out tail starts after an eos, so it holds whole documents."""
-    tokens = np.concatenate([np.load(f).reshape(-1) for f in files]).astype(np.int32)
-    if tokens.size < 2:
-        raise DataError(f"data.source={cfg.source!r}: the token arrays ({', '.join(map(str, files[:3]))}) are "
-                        "empty; point it at non-empty .npy files")
+def _prepared_tokenizer(cfg: DataConfig, root: Path, manifest: dict, cache: Path) -> Tokenizer:
+    """The configured tokenizer ("bpe": the one stored in `root`), checked against the one that prepared `root`."""
     tokenizer = load_tokenizer(cfg, cache)
-    if tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size:
-        raise DataError(f"data.source={cfg.source!r} has ids in [{tokens.min()}, {tokens.max()}] but tokenizer "
-                        f"{tokenizer.name} has {tokenizer.vocab_size}; set data.tokenizer to the one that made them")
-    target = int(len(tokens) * (1 - cfg.val_fraction))
-    eos_before = np.flatnonzero(tokens[:target] == tokenizer.eos_id)
-    cut = int(eos_before[-1]) + 1 if eos_before.size else target  # no eos: one document, cut inside it
-    return Corpus(tokenizer, tokens[:cut], tokens[cut:])
+    check_tokenizer(manifest, tokenizer, str(root), cfg.tokenizer)
+    return tokenizer
 
 
 def pack(windows: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
@@ -105,24 +86,30 @@ def pack(windows: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
             "positions": (col - last_start).astype(np.int32), "loss_mask": (~is_eos).astype(np.float32)}
 
 
-def _n_windows(tokens: np.ndarray, seq_len: int) -> int:
+def _n_windows(tokens, seq_len: int) -> int:
     return max(0, (len(tokens) - 1) // seq_len)  # window i = tokens[i*seq_len : (i+1)*seq_len + 1]
 
 
-def _pack_rows(window_ids: np.ndarray, *, tokens: np.ndarray, seq_len: int, eos_id: int) -> dict:
-    starts = np.asarray(window_ids) * seq_len
-    return pack(tokens[starts[:, None] + np.arange(seq_len + 1)], eos_id)
+def _windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
+    if isinstance(tokens, TokenStream):
+        return tokens.read(starts, length)
+    return np.asarray(tokens)[np.asarray(starts)[:, None] + np.arange(length)]
+
+
+def _pack_rows(window_ids: np.ndarray, *, tokens, seq_len: int, eos_id: int) -> dict:
+    return pack(_windows(tokens, np.asarray(window_ids, np.int64) * seq_len, seq_len + 1), eos_id)
 
 
 def batch_iterator(n: int, make_rows, *, global_batch: int, seed: int, shuffle: bool = True, process_index: int = 0,
-                   process_count: int = 1, worker_count: int = 0, what: str = "examples") -> grain.DatasetIterator:
+                   process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
+                   what: str = "examples") -> grain.DatasetIterator:
     """An endless grain iterator of this process's rows of each global batch over `n` examples.
 
     Every example is seen once per epoch, in an order drawn from `seed` and the epoch. The shuffled ids are
     batched globally and `make_rows(ids)` builds only this process's rows, so P processes together see exactly
     the batches of one process and the iterator state (a batch counter) is the same on every process.
-    `worker_count` > 0 builds that many batches ahead in background threads. Threads, not processes: building a
-    batch is vectorised numpy over in-memory arrays, so processes would only add start-up time and copies."""
+    `worker_count` > 0 builds batches in that many background threads, `prefetch` per thread ahead. Threads, not
+    processes: a batch is a few dozen record reads and vectorised numpy, both of which release the GIL."""
     if n < global_batch:
         raise DataError(f"the data holds {what} = {n} sequences, fewer than one global batch ({global_batch}); "
                         "use more data, a smaller seq_len or global_batch")
@@ -138,12 +125,12 @@ def batch_iterator(n: int, make_rows, *, global_batch: int, seed: int, shuffle: 
         ds = ds.shuffle(seed=int(np.random.SeedSequence(seed).generate_state(1)[0]))
     ds = ds.repeat().batch(global_batch).map(lambda ids: make_rows(np.asarray(ids)[part]))
     # grain's default (16 threads, 500 elements ahead) would hold 500 whole batches in memory
-    read = grain.ReadOptions(num_threads=worker_count, prefetch_buffer_size=2 * worker_count)
+    read = grain.ReadOptions(num_threads=worker_count, prefetch_buffer_size=prefetch * worker_count)
     return iter(ds.to_iter_dataset(read))
 
 
 def make_train_iterator(corpus: Corpus, *, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, worker_count: int = 0,
+                        process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
                         shuffle: bool = True) -> grain.DatasetIterator:
     """An endless iterator of this process's rows of each global batch (dicts of [global_batch / P, seq_len]) over
     the windows of `seq_len + 1` tokens of the train stream; see `batch_iterator`."""
@@ -151,7 +138,7 @@ def make_train_iterator(corpus: Corpus, *, seq_len: int, global_batch: int, seed
     return batch_iterator(
         n, functools.partial(_pack_rows, tokens=corpus.train, seq_len=seq_len, eos_id=corpus.tokenizer.eos_id),
         global_batch=global_batch, seed=seed, shuffle=shuffle, process_index=process_index,
-        process_count=process_count, worker_count=worker_count,
+        process_count=process_count, worker_count=worker_count, prefetch=prefetch,
         what=f"{len(corpus.train):,} train tokens = {n} windows of {seq_len + 1}")
 
 
@@ -173,13 +160,15 @@ def make_val_batches(corpus: Corpus, *, seq_len: int, batch_size: int, max_batch
                         f"{seq_len} needs {batch_size * seq_len + 1:,}. Raise data.val_fraction or lower "
                         "seq_len / the batch size")
     n = n if max_batches is None else min(n, max_batches)
-    windows = np.arange(n * batch_size)[:, None] * seq_len + np.arange(seq_len + 1)
-    packed = pack(corpus.val[windows], corpus.tokenizer.eos_id)
+    packed = pack(_windows(corpus.val, np.arange(n * batch_size) * seq_len, seq_len + 1), corpus.tokenizer.eos_id)
     return [{k: v[b * batch_size:(b + 1) * batch_size] for k, v in packed.items()} for b in range(n)]
 
 
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Entropy (nats/token) of the empirical unigram distribution: the loss of a model that ignores context."""
-    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+def unigram_entropy(tokens, vocab_size: int) -> float:
+    """Entropy (nats/token) of the empirical unigram distribution: the loss of a model that ignores context.
+    A prepared stream's counts were taken while preparing it, so this reads no tokens."""
+    counts = getattr(tokens, "unigram_counts", None)
+    counts = np.bincount(tokens, minlength=vocab_size) if counts is None else counts
+    counts = counts.astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

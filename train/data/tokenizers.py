@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from train.config import DataConfig
-from train.data.sources import (CORPORA, DataError, atomic_write, digest, files_digest, is_tokens, source_files,
-                                split_source)
+from train.data.sources import (BPE_SAMPLE_BYTES, CORPORA, PIECE_BYTES, DataError, atomic_write, digest,
+                                files_digest, is_tokens, source_files, train_sample)
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 # GPT-2's pre-tokenizer regex (tiktoken's r50k_base); the ranks file holds only the merges
@@ -97,6 +97,17 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=self.skip_special_tokens)
+
+
+def _prepared_bpe(root: Path, vocab_size: int) -> "HFTokenizer":
+    """The "bpe" tokenizer stored in a prepared directory (trained on the source it was prepared from)."""
+    from tokenizers import Tokenizer as HFTok
+    made = _read_json(root / "manifest.json").get("tokenizer", {})
+    if made.get("name") != f"bpe{vocab_size}" or not (root / "tokenizer.json").is_file():
+        raise DataError(f"{root} was prepared with tokenizer {made.get('name')} (vocab {made.get('vocab_size')}), "
+                        f"not a trained bpe{vocab_size}; set data.tokenizer (and data.vocab_size) to the ones "
+                        "that prepared it")
+    return HFTokenizer(HFTok.from_file(str(root / "tokenizer.json")), made["name"])
 
 
 def _read_json(file: Path) -> dict:
@@ -245,8 +256,9 @@ def train_bpe(texts: list[str], vocab_size: int, path: Path) -> None:
 
 
 def load_tokenizer(cfg: DataConfig, cache_dir: str | os.PathLike) -> Tokenizer:
-    """The configured tokenizer; "bpe" is trained on the train split of `cfg.source` once and cached."""
-    return tokenizer_for_source(cfg, Path(cache_dir), lambda: split_source(cfg)[0])
+    """The configured tokenizer; "bpe" is trained once on the start of the train split of `cfg.source` (at most
+    BPE_SAMPLE_BYTES, so memory stays bounded whatever the corpus size) and cached."""
+    return tokenizer_for_source(cfg, Path(cache_dir), lambda: train_sample(cfg))
 
 
 def tokenizer_for_source(cfg: DataConfig, cache: Path, train_docs: Callable[[], list[str]]) -> Tokenizer:
@@ -256,13 +268,17 @@ def tokenizer_for_source(cfg: DataConfig, cache: Path, train_docs: Callable[[], 
     if cfg.tokenizer == "gpt2":
         return TiktokenTokenizer()
     from tokenizers import Tokenizer as HFTok
+    prepared = Path(cfg.source).expanduser()
+    if cfg.tokenizer == "bpe" and (prepared / "manifest.json").is_file():
+        return _prepared_bpe(prepared, cfg.vocab_size)
     if cfg.tokenizer == "bpe":
         files = source_files(cfg)
         if is_tokens(files, cfg):
             raise DataError(f"data.source={cfg.source!r} is pre-tokenized; set data.tokenizer to the tokenizer "
                             "that made it ('byte', 'gpt2' or a tokenizer.json), not 'bpe'")
         # the train split depends on the bytes, the split and how documents are read
-        key = digest(files_digest(files), cfg.vocab_size, cfg.val_fraction, cfg.format, cfg.text_field)
+        key = digest(files_digest(files), cfg.vocab_size, cfg.val_fraction, cfg.format, cfg.text_field,
+                     "sample", BPE_SAMPLE_BYTES, PIECE_BYTES)
         path = cache / f"bpe-{key}.json"
         if not path.is_file():
             train_bpe(train_docs(), cfg.vocab_size, path)
