@@ -53,7 +53,7 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
         tokenizer = load_tokenizer(cfg, cache)
         key = digest(files_digest(source_files(cfg)), cfg.format, cfg.text_field, cfg.val_fraction,
                      cfg.skip_bad_lines, cfg.tokenizer, tokenizer_record(tokenizer), FORMAT, CHUNK_TOKENS,
-                     PIECE_BYTES)
+                     PIECE_BYTES, [str(f.resolve()) for f in source_files(cfg)])  # the plan records the paths
         root = cache / f"prepared-{key}"
         if not is_prepared(root):
             log.info("preparing data.source=%s into %s (once; python -m train.prepare_data does this ahead)",
