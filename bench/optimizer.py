@@ -110,7 +110,7 @@ def measure(label: str, params, repeats: int) -> dict:
     other processes hits them alike."""
     ideal = ideal_ns_flops(params)
     compiled = {name: compile_update(candidate(name, params), params) for name in CANDIDATES}
-    times = {name: [] for name in CANDIDATES}
+    times, warmed_up = {name: [] for name in CANDIDATES}, False
     while min(map(len, times.values())) < repeats:
         for name, (update, args, _) in compiled.items():
             # CPU time of all of this process's threads too: on a shared, loaded machine wall time also
@@ -118,8 +118,9 @@ def measure(label: str, params, repeats: int) -> dict:
             start, cpu_start = time.perf_counter(), time.process_time()
             jax.block_until_ready(update(*args))
             times[name].append((time.perf_counter() - start, time.process_time() - cpu_start))
-        if min(t[0][0] for t in times.values()) < 1.0 and len(times[CANDIDATES[0]]) == 1:
-            times = {name: [] for name in CANDIDATES}  # that was the warm-up round
+        if not warmed_up and min(t[0][0] for t in times.values()) < 1.0:
+            times = {name: [] for name in CANDIDATES}  # that was the warm-up round (once)
+        warmed_up = True
     out = {}
     for name, (update, _, compile_s) in compiled.items():
         # --repeats 0: FLOPs only
