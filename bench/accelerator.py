@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.train_throughput import time_update
+
 ROOT = Path(__file__).resolve().parent.parent
 NS_STEPS = 5
 NS_SHAPES = {"Llama-1B": [(2048, 2048), (2048, 512), (2048, 8192)],
@@ -146,21 +148,9 @@ def build_step(cfg, max_logit_block: int | None = None):
 
 
 def update_seconds(tx, params, opt_state, repeats: int) -> float:
-    """Seconds of one jitted `tx.update` + `apply_updates`, buffers donated (no second copy of the state)."""
-    import optax
+    """`time_update` with a constant gradient and donated buffers (no second copy of the state)."""
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
-
-    def update(params, opt_state):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    update = jax.jit(update, donate_argnums=(0, 1))
-    for _ in range(2):  # the first update may change the state's weak types: keep recompiling out of the timing
-        params, opt_state = jax.block_until_ready(update(params, opt_state))
-    t = time.perf_counter()
-    for _ in range(repeats):
-        params, opt_state = jax.block_until_ready(update(params, opt_state))
-    return (time.perf_counter() - t) / repeats
+    return time_update(tx, params, opt_state, grads, repeats, donate=True)
 
 
 def compiled_bytes(compiled) -> float:

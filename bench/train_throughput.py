@@ -35,16 +35,17 @@ def abstract_counts(path: str) -> None:
           f"without embeddings {(total - embed) / 1e9:.2f}B total / {(active - embed) / 1e9:.2f}B active")
 
 
-def time_update(tx, params, opt_state, grads, repeats: int = 5) -> float:
-    """Seconds of one jitted `tx.update` + `apply_updates`. Two chained warm-up calls: the state a first update
-    returns can differ in abstract type from the initial one (AdamW's weak types), which would otherwise put a
-    recompilation inside the timing."""
+def time_update(tx, params, opt_state, grads, repeats: int = 5, donate: bool = False) -> float:
+    """Seconds of one jitted `tx.update` + `apply_updates` (`donate`: params and state buffers donated, so no second
+    copy of the state). Two chained warm-up calls: the state a first update returns can differ in abstract type from
+    the initial one (AdamW's weak types), which would otherwise put a recompilation inside the timing."""
     import optax
 
-    @jax.jit
-    def step(params, state):
+    def update(params, state):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
+
+    step = jax.jit(update, donate_argnums=(0, 1) if donate else ())
 
     for _ in range(2):
         params, opt_state = jax.block_until_ready(step(params, opt_state))
