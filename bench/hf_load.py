@@ -4,7 +4,7 @@
     python -m bench.hf_load [--write-docs]
 
 A random float32 Llama checkpoint (~1.1 GB, 5 shards of <= 256 MB) is written once to a temp dir; each loader then
-runs in a fresh process that reports its RSS after importing jax and the loader (baseline) and its peak RSS (ru_maxrss) after
+runs in a fresh process that reports its RSS after importing jax and the loader (baseline) and its peak RSS (VmHWM) after
 the load. "beyond model" = peak - baseline - model bytes: the loader's transient host memory, which the
 requirement bounds by one shard.
 """
@@ -24,10 +24,13 @@ CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermedia
               num_attention_heads=16, num_key_value_heads=16)
 
 MEASURE = """
-import importlib.util, json, resource, sys
+import importlib.util, json, sys
 import jax, jax.numpy as jnp
 jnp.zeros(1).block_until_ready()
 rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096
+# VmHWM, not ru_maxrss: getrusage keeps the parent's high-water mark across fork + exec, and the parent has
+# just written the checkpoint
+hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
 if sys.argv[2] == 'old':
     spec = importlib.util.spec_from_file_location('old_hf', sys.argv[3])
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
@@ -36,7 +39,7 @@ else:
 base = rss()  # after imports: the loader's code and libraries are not memory the load holds
 model, _ = module.load_hf_checkpoint(sys.argv[1], dtype=jnp.float32)
 jax.block_until_ready(jax.tree.leaves(__import__('flax').nnx.state(model)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(json.dumps({'base': base, 'peak': peak, 'final': rss()}))
 """
 

@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices, set before jax is imported anywhere; and the model factories that several
 test files share, as fixtures (`reference_model`, `random_model`)."""
 import os
+import socket
+import tempfile
 
 import pytest
 
@@ -8,6 +10,16 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session, shared by the xdist workers and the trainer subprocesses
+# the tests start (they inherit the environment): most tests compile the same tiny programs again and again, and
+# compiling, not running, is what a CPU test spends its time on. The key is the HLO, flags and jax version, so a
+# stale entry cannot be hit; the size bound turns on jax's LRU eviction and, with it, the file lock that keeps
+# concurrent writers from exposing half-written entries.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"muon-jax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
 
 
 def hf_config(family):
@@ -112,3 +124,11 @@ def reference_model():
 def random_model():
     """The `make_random_model(config, seed=0, stddev=0.2)` factory."""
     return make_random_model
+
+
+@pytest.fixture
+def free_port():
+    """A localhost TCP port that is free now, for a jax.distributed coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -145,7 +145,7 @@ def counting(self, name, index=()):
     return out
 hf._Shards.read = counting
 mesh = jax.make_mesh((2, 2, 2), ("fsdp", "tensor", "expert"))
-model, _ = hf.load_hf_checkpoint(sys.argv[1], mesh=mesh)
+model, config = hf.load_hf_checkpoint(sys.argv[1], mesh=mesh)
 read_total = sum(read)
 hf._Shards.read = original
 single, _ = hf.load_hf_checkpoint(sys.argv[1])  # on this process's first device, for the comparison
@@ -154,31 +154,34 @@ pairs = zip(jax.tree.leaves(jax.tree.map(lambda v: v, __import__('flax').nnx.sta
 for sharded, full in pairs:
     for shard in sharded.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(full)[shard.index])
+hf.save_hf_checkpoint(model, config, sys.argv[4] + "/sharded")  # both processes gather, process 0 writes
+hf.save_hf_checkpoint(single, config, sys.argv[4] + "/single")
 print(json.dumps({"read": read_total}))
 """
 
 
 @pytest.mark.slow
-def test_two_processes_read_only_their_parts(tmp_path, reference_model):
+def test_two_processes_read_and_write_only_their_parts(tmp_path, reference_model, free_port):
     """2 CPU processes × 4 devices load one checkpoint onto a (2, 2, 2) mesh: each process's shards equal the
-    single-device load, and each reads (element count) well under the whole checkpoint."""
+    single-device load, and each reads (element count) well under the whole checkpoint. Saving the sharded model
+    from both processes writes the same bytes as saving the single-device one."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    reference_model("deepseek_v3").save_pretrained(tmp_path)
+    source, out = tmp_path / "source", tmp_path / "out"
+    reference_model("deepseek_v3").save_pretrained(source)
     total = sum(p.numel() for p in reference_model("deepseek_v3").state_dict().values())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST_LOAD, str(tmp_path), f"127.0.0.1:{port}", str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST_LOAD, str(source), f"127.0.0.1:{free_port}", str(i),
+                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    for file in ("model.safetensors", "config.json"):
+        assert (out / "sharded" / file).read_bytes() == (out / "single" / file).read_bytes(), file
     reads = [json.loads(o[0].strip().splitlines()[-1])["read"] for o in outs]
     # replicated params (norms, router, biases) are read by both; the sharded bulk only by its holders
     assert all(r < 0.75 * total for r in reads), (reads, total)

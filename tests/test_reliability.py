@@ -250,8 +250,9 @@ def test_second_sigterm_during_the_save_changes_nothing(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ctrl_c_during_compile_exits_cleanly_without_a_checkpoint(tmp_path):
     run_dir = tmp_path / "r"
+    no_cache = {**os.environ, "JAX_COMPILATION_CACHE_DIR": ""}  # so step 1 really compiles when the signal comes
     proc = subprocess.Popen([sys.executable, "-m", "train", *SMALL, f"run_dir={run_dir}", "steps=4"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=no_cache, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("model "), line + proc.communicate()[1][-3000:]  # printed just before step 1 compiles
     proc.send_signal(signal.SIGINT)

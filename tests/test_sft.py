@@ -3,6 +3,7 @@ the held-out assistant loss, exact resume, and the Hugging Face round trip (expo
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -218,6 +219,39 @@ def test_hf_export_round_trip_and_fine_tuning_from_it(straight, tmp_path):
     assert saved.model == ours.config.to_dict() and saved.data.tokenizer == str(export.resolve())
     # so does fine-tuning from the run_dir: its model, and its tokenizer config in the new run's config
     init = load_init(config(tmp_path / "from_run", f"sft.init_from={run_dir}"))
-    np.testing.assert_array_equal(init.model(tokens), ours(tokens))
+    assert init.run_dir == run_dir and init.cfg.model == ours.config.to_dict()
     assert init.cfg.data == load_config(run_dir / "config.yaml").data
+    again = sft(config(tmp_path / "from_run", "steps=1", f"sft.init_from={run_dir}"))
+    assert again["initial_val_loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
     assert (init.chat.eos_id, init.chat.eos_token, init.chat.template) == (256, "<|endoftext|>", None)
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_and_export_as_one(straight, tmp_path, free_port):
+    """`python -m train.sft` from a Hugging Face dir on 2 CPU processes × 1 device (jax.distributed on localhost)
+    == 1 process × 2 devices: the same losses, and the same exported weights (gathered to process 0, written once)."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    export = straight[1]["export_hf"]
+    common = [*SMALL, "mesh.data=-1", "steps=3", "log.every=1", "log.eval_every=1000", "checkpoint.every=1000",
+              f"sft.init_from={export}"]
+
+    def start(name, devices, *args):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        return subprocess.Popen([sys.executable, "-m", "train.sft", f"run_dir={tmp_path / name}", *common, *args],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start("one", 2)] + [start("two", 1, "--coordinator", f"127.0.0.1:{free_port}", "--num-processes", "2",
+                                       "--process-id", str(i)) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    np.testing.assert_allclose([r["loss"] for r in metrics(tmp_path / "two")],
+                               [r["loss"] for r in metrics(tmp_path / "one")], rtol=1e-5)
+    one, two = (load_file(tmp_path / name / "hf" / "model.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert "exported to" in outs[1][0] and "exported to" not in outs[2][0]  # process 1 writes nothing

@@ -14,7 +14,7 @@ from flax import nnx
 from train.checkpoint import CheckpointError, Checkpointer
 from train.config import load_config
 from train.data import checkpoint_tokenizer, load_tokenizer
-from train.models import abstract_model
+from train.models import abstract_model, state_shardings
 from train.models.hf import load_hf_checkpoint
 from train.runtime import cache_dir, model_config_for
 
@@ -30,9 +30,10 @@ def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def load_run_dir(run_dir: str | Path, step: int | None = None):
+def load_run_dir(run_dir: str | Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None):
     """(model, tokenizer) from a run directory: its config.yaml and the params (and model variables) of the newest
-    readable checkpoint, or of `step`. Placed on the first device."""
+    readable checkpoint, or of `step`. Placed on the first device, or laid out on `mesh` by the logical axes
+    (each process then reads only its devices' parts: what a multi-process job needs)."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); pass a directory made by "
@@ -40,9 +41,13 @@ def load_run_dir(run_dir: str | Path, step: int | None = None):
     cfg = load_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(cfg.data, cache_dir())
     graphdef, params, variables = nnx.split(abstract_model(model_config_for(cfg, tokenizer)), nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params, variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                     (params, variables))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, (params, variables))
+    else:
+        shardings = (state_shardings(params, mesh), state_shardings(variables, mesh))
+    params, variables = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                     (params, variables), shardings)
     ckpt = Checkpointer(run_dir, create=False)
     if not ckpt.steps():
         raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first")

@@ -1,6 +1,7 @@
 """Supervised fine-tuning (full) on chat data: pretraining's loop with another data source, loss mask and init.
 
     python -m train.sft --config configs/sft_tiny.yaml [key=value ...] [--stop-after N]
+                        [--coordinator HOST:PORT --num-processes N --process-id I | --distributed]
 
 `train.loop.train` runs the job, so run_dir, metrics.jsonl, TensorBoard, checkpoints, exact resume, the NaN
 policy, `optimizer.name` (muon | adamw) and `muon_clip` behave as in pretraining. What differs (`sft_inputs`):
@@ -22,7 +23,8 @@ policy, `optimizer.name` (muon | adamw) and `muon_clip` behave as in pretraining
   `sft.export_hf` (default run_dir/hf): safetensors, config.json, tokenizer.json and a tokenizer_config.json
   holding the chat template used, ready for `python -m train.generate DIR --chat`.
 
-Single process only (the export and the init load use one device; the step itself is sharded over the mesh).
+Multi-process (`--coordinator/--num-processes/--process-id`, as `python -m train`): the init weights are read
+each process its own devices' parts, and the export gathers one layer slice at a time to process 0, which writes it.
 """
 from __future__ import annotations
 
@@ -36,18 +38,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import yaml
-from flax import nnx
 
 from train import data as data_lib
-from train.cli import run_job
+from train.cli import add_distributed_args, initialize_distributed, run_job
 from train.config import Config, ConfigError, DataConfig, load_config
 from train.data.chat import DEFAULT_CHAT_TEMPLATE, ChatFormat, load_chat_data, make_chat_iterator, val_batches
 from train.decode import generate
 from train.loop import RunInputs, train
-from train.models import model_config_from_hf, state_shardings
+from train.models import model_config_from_hf
 from train.models.hf import load_hf_checkpoint, save_hf_checkpoint
 from train.pretrained import is_hf_dir, is_run_dir, load_run_dir
-from train.runtime import cache_dir
+from train.runtime import cache_dir, make_mesh, model_config_for
 
 log = logging.getLogger("train")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny.yaml"
@@ -60,13 +61,14 @@ DATA_KEYS = ("init_from", "train_file", "val_file", "val_fraction", "skip_bad_li
 
 @dataclasses.dataclass
 class InitSource:
-    """Where fine-tuning starts: the config to run (model/data of the source), its model (None: random init),
-    the tokenizer the loop uses and the chat format of the training text."""
+    """Where fine-tuning starts: the config to run (model/data of the source), the tokenizer the loop uses, the
+    chat format of the training text, and the weights (none: random init), read in `init_model` straight onto the
+    run's mesh."""
     cfg: Config
-    model: nnx.Module | None
     tokenizer: data_lib.Tokenizer
     chat: ChatFormat
-    hf_dir: Path | None = None           # a Hugging Face init: read straight onto the run's mesh (no host copy)
+    run_dir: Path | None = None          # a trainer run_dir's newest checkpoint
+    hf_dir: Path | None = None           # a Hugging Face checkpoint directory
 
 
 def chat_format(tokenizer) -> ChatFormat:
@@ -82,13 +84,14 @@ def load_init(cfg: Config) -> InitSource:
     source = cfg.sft.init_from
     if not source:
         tokenizer = data_lib.load_tokenizer(cfg.data, cache_dir())
-        return InitSource(cfg, None, tokenizer, chat_format(tokenizer))
+        return InitSource(cfg, tokenizer, chat_format(tokenizer))
     path = Path(source).expanduser()
     if is_run_dir(path):
-        model, tokenizer = load_run_dir(path)
         src = load_config(path / "config.yaml")
-        cfg = dataclasses.replace(cfg, model=model.config.to_dict(), data=src.data)
-        return InitSource(cfg, model, tokenizer, chat_format(tokenizer))
+        tokenizer = data_lib.load_tokenizer(src.data, cache_dir())
+        model_cfg = model_config_for(src, tokenizer)
+        cfg = dataclasses.replace(cfg, model=model_cfg.to_dict(), data=src.data)
+        return InitSource(cfg, tokenizer, chat_format(tokenizer), run_dir=path)
     if is_hf_dir(path):  # the weights are read in init_model, each device's part straight onto the mesh
         own = {k: cfg.model[k] for k in HF_INIT_OWN_FIELDS if k in cfg.model}
         model_cfg = model_config_from_hf(json.loads((path / "config.json").read_text()), dtype="float32",
@@ -98,8 +101,8 @@ def load_init(cfg: Config) -> InitSource:
         turn_end = getattr(tokenizer, "turn_end", tokenizer.eos_token)  # Moonlight: <|im_end|> ends a reply
         turn_end_id = tokenizer.encode(turn_end)[0] if turn_end != tokenizer.eos_token else tokenizer.eos_id
         chat = ChatFormat(tokenizer.encode, turn_end_id, turn_end, tokenizer.bos_token, tokenizer.chat_template)
-        return InitSource(dataclasses.replace(cfg, model=model_cfg.to_dict(), data=data_cfg), None, tokenizer, chat,
-                          path)
+        return InitSource(dataclasses.replace(cfg, model=model_cfg.to_dict(), data=data_cfg), tokenizer, chat,
+                          hf_dir=path)
     raise ConfigError(f"sft.init_from={source!r} is neither a trainer run_dir (config.yaml) nor a Hugging Face "
                       "checkpoint directory (config.json + *.safetensors); leave it empty for a random init")
 
@@ -114,12 +117,6 @@ def check_resume(cfg: Config) -> None:
         if key in old and old[key] != getattr(cfg.sft, key):
             raise ConfigError(f"run_dir {cfg.run_dir} holds a fine-tuning run with sft.{key}={old[key]!r} (now "
                               f"{getattr(cfg.sft, key)!r}); choose a new run_dir= or restore the original setting")
-
-
-def placed(model: nnx.Module, mesh) -> nnx.Module:
-    """The model with every variable laid out on the mesh by its logical axes (as `build_model` creates them)."""
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
 
 
 def reply(model, init: InitSource, question: str, max_new_tokens: int) -> str:
@@ -149,7 +146,7 @@ def sft_inputs(init: InitSource):
         return RunInputs(
             init.tokenizer, train_iter, val_batches(chat.val, cfg.global_batch // cfg.grad_accum, cfg.log.eval_batches),
             f"{t['reply_tokens']:,} assistant train tokens", summary={"chat": chat.stats},
-            init_model=None if init.model is None and init.hf_dir is None else init_model,
+            init_model=None if init.run_dir is None and init.hf_dir is None else init_model,
             sample=lambda model: reply(model, init, cfg.log.sample_prompt, cfg.log.sample_tokens),
             eval_at_start=True)
 
@@ -157,10 +154,10 @@ def sft_inputs(init: InitSource):
         if init.hf_dir is not None:
             own = {k: getattr(model_cfg, k) for k in HF_INIT_OWN_FIELDS if hasattr(model_cfg, k)}
             return load_hf_checkpoint(init.hf_dir, dtype=jnp.float32, mesh=mesh, **own)[0]
-        if init.model.config != model_cfg:
-            raise ConfigError(f"the model of sft.init_from differs from the run's model config: {init.model.config} "
+        model = load_run_dir(init.run_dir, mesh=mesh)[0]
+        if model.config != model_cfg:
+            raise ConfigError(f"the model of sft.init_from differs from the run's model config: {model.config} "
                               f"vs {model_cfg}")
-        model, init.model = placed(init.model, mesh), None  # drop the loaded copy: the run's is on the mesh
         return model
 
     return inputs
@@ -195,11 +192,14 @@ def keep_remote_code_entries(source: Path, out: Path) -> None:
             shutil.copyfile(source / file, out / file)
 
 
-def export_hf(run_dir: str | Path, init: InitSource, out: str | Path) -> Path:
-    """The newest checkpoint of `run_dir` as a Hugging Face directory with its tokenizer and chat template."""
-    model, tokenizer = load_run_dir(run_dir)
+def export_hf(run_dir: str | Path, init: InitSource, out: str | Path, mesh=None) -> Path:
+    """The newest checkpoint of `run_dir` as a Hugging Face directory with its tokenizer and chat template,
+    restored onto `mesh` (default: one device); with several processes, all call it and process 0 writes."""
+    model, tokenizer = load_run_dir(run_dir, mesh=mesh)
     out = Path(out)
     save_hf_checkpoint(model, model.config, out)
+    if jax.process_index() != 0:
+        return out
     if isinstance(tokenizer, data_lib.ByteTokenizer):
         byte_tokenizer_json(out / "tokenizer.json")
     elif isinstance(tokenizer, data_lib.TiktokenDirTokenizer):  # Moonlight's format back: tiktoken.model etc.
@@ -224,7 +224,10 @@ def sft(cfg: Config, stop_after: int | None = None) -> dict:
     init = load_init(cfg)
     summary = train(init.cfg, stop_after, inputs=sft_inputs(init))
     if summary["steps"] == cfg.steps:
-        summary["export_hf"] = str(export_hf(cfg.run_dir, init, cfg.sft.export_hf or Path(cfg.run_dir) / "hf"))
+        out = cfg.sft.export_hf or Path(cfg.run_dir) / "hf"
+        summary["export_hf"] = str(export_hf(cfg.run_dir, init, out, make_mesh(init.cfg)))
+        if jax.process_index() != 0:
+            return summary
         if summary.get("initial_val_loss") is not None and summary["val_loss"] is not None:
             print(f"assistant-token val loss {summary['initial_val_loss']:.4f} → {summary['val_loss']:.4f}",
                   flush=True)
@@ -239,8 +242,15 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.init_from=runs/tiny")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and exit after this many steps; rerun to continue")
+    add_distributed_args(parser)
     args = parser.parse_args(argv)
-    return run_job(lambda: sft(load_config(args.config, args.overrides), stop_after=args.stop_after))
+
+    def job():
+        cfg = load_config(args.config, args.overrides)
+        initialize_distributed(args)
+        sft(cfg, stop_after=args.stop_after)
+
+    return run_job(job)
 
 
 if __name__ == "__main__":

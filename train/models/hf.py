@@ -26,13 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from train.models import DEFAULT_RULES, abstract_model, model_class, model_config_from_hf, state_shardings
 
 SUPPORTED_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}  # name -> bytes per element
-READ_CHUNK = 64 * 2**20  # bytes of a mapping touched before it is unmapped again (big tensors are read in blocks)
+READ_CHUNK = 16 * 2**20  # bytes of a mapping touched before it is unmapped again (big tensors are read in blocks;
+# a block is held twice, as mapped pages and as its copy: 64 MiB blocks left 226 MiB beyond the model, 16 MiB 67)
 _FUSED_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -226,8 +228,19 @@ def load_hf_checkpoint(path, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | Non
     return nnx.merge(graphdef, state), config
 
 
+def _to_host(x) -> np.ndarray:
+    """The whole of `x` as a numpy array, also where other processes hold parts of it (every process must call
+    this for the same arrays in the same order: the parts are gathered with a collective)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def save_hf_checkpoint(model, config, path, *, max_shard_size: int = 5 * 2**30):
-    """Write config.json + safetensors (sharded with an index above `max_shard_size` bytes) for transformers."""
+    """Write config.json + safetensors (sharded with an index above `max_shard_size` bytes) for transformers.
+
+    Multi-process: every process calls it with the same (sharded) model; each layer/expert slice is gathered in
+    turn and process 0 writes the files, so no host holds more than one output shard."""
     if not isinstance(model, model_class(config)):
         raise TypeError(f"model is {type(model).__name__} but config is {type(config).__name__}")
     path = Path(path)
@@ -245,15 +258,19 @@ def save_hf_checkpoint(model, config, path, *, max_shard_size: int = 5 * 2**30):
             size = 0
         shards[-1].append(item)
         size += item[-1]
-    weight_map = {}
+    weight_map, writer = {}, jax.process_index() == 0
     for k, shard in enumerate(shards):  # one shard's tensors on the host at a time
         file = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name, var, index, transpose, _ in shard:
-            value = np.asarray(jax.device_get(var[...][index] if index else var[...]))
-            tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+            value = _to_host(var[...][index] if index else var[...])
+            if writer:
+                tensors[name] = np.ascontiguousarray(value.T if transpose else value)
             weight_map[name] = file
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        if writer:
+            save_file(tensors, str(path / file), metadata={"format": "pt"})
+    if not writer:
+        return
     if len(shards) > 1:
         total = sum(item[-1] for item in plan)
         (path / "model.safetensors.index.json").write_text(
