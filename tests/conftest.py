@@ -6,8 +6,11 @@ import tempfile
 
 import pytest
 
+# The tests' programs are tiny and compiled once or twice each, so compiling is most of their time: XLA's cheapest
+# CPU code generation halves it (the GEMMs call the same library kernels either way).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the session, shared by the xdist workers and the trainer subprocesses
@@ -132,3 +135,13 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cpu_env():
+    """`cpu_env(devices)`: the environment for a subprocess (trainer, loader) with `devices` CPU devices and the
+    tests' compile settings."""
+    def env(devices: int) -> dict:
+        return {**os.environ, "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
+    return env

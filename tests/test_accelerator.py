@@ -1,6 +1,5 @@
 """Honest MFU (peak table, measured and cached CPU peak, 'MFU n/a' for unknown devices) and the accelerator
 benchmark's --quick path, run as CI runs it."""
-import os
 import subprocess
 import sys
 import types
@@ -43,8 +42,8 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert mfu.peak_flops(cpu, cache=tmp_path) == pytest.approx(123e9 / len(jax.local_devices(backend="cpu")))
 
 
-def test_accelerator_benchmark_quick_runs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MUON_JAX_CACHE": str(tmp_path), "XLA_FLAGS": ""}
+def test_accelerator_benchmark_quick_runs(tmp_path, cpu_env):
+    env = {**cpu_env(1), "PYTHONPATH": str(ROOT), "MUON_JAX_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "bench.accelerator", "--quick"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

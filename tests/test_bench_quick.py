@@ -3,7 +3,6 @@
 They check that the scripts run and print well-formed tables whose FLOP counts (from cost_analysis, not
 timings) show Gram NS where "auto" should pick it; speed itself is only measured by the full runs."""
 import math
-import os
 import re
 import subprocess
 import sys
@@ -14,8 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(module: str) -> str:
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device, as a user runs it
+def run(module: str, env: dict) -> str:
     proc = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -28,8 +26,8 @@ def rows(text: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_optimizer_quick_table():
-    table = {(r[0], r[1]): r for r in rows(run("bench.optimizer")) if r[0] != "shape"}
+def test_optimizer_quick_table(cpu_env):
+    table = {(r[0], r[1]): r for r in rows(run("bench.optimizer", cpu_env(1))) if r[0] != "shape"}
     shapes = {s for s, _ in table}
     assert shapes == {"quick [1, 128, 128]", "quick [1, 128, 32]", "quick [1, 128, 512]", "quick [1, 512, 128]",
                       "quick tree (L=1, vocab 1000)"}, shapes
@@ -42,8 +40,8 @@ def test_optimizer_quick_table():
 
 
 @pytest.mark.slow
-def test_gram_ns_quick_tables():
-    out = run("bench.gram_ns")  # prints each section as it goes, then the whole report: rows come twice
+def test_gram_ns_quick_tables(cpu_env):
+    out = run("bench.gram_ns", cpu_env(1))  # prints each section as it goes, then the whole report: rows come twice
     f32 = [list(r) for r in dict.fromkeys(tuple(r) for r in rows(out) if r[0] in ("moonlight", "polar_express"))]
     assert len(f32) == 4 and all(float(v) <= 1e-4 for r in f32 if r[1].startswith("default") for v in r[2:]), f32
     half = [r for r in rows(out) if r[0] == "bf16"]

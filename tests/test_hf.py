@@ -161,11 +161,10 @@ print(json.dumps({"read": read_total}))
 
 
 @pytest.mark.slow
-def test_two_processes_read_and_write_only_their_parts(tmp_path, reference_model, free_port):
+def test_two_processes_read_and_write_only_their_parts(tmp_path, reference_model, free_port, cpu_env):
     """2 CPU processes × 4 devices load one checkpoint onto a (2, 2, 2) mesh: each process's shards equal the
     single-device load, and each reads (element count) well under the whole checkpoint. Saving the sharded model
     from both processes writes the same bytes as saving the single-device one."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -173,8 +172,7 @@ def test_two_processes_read_and_write_only_their_parts(tmp_path, reference_model
     source, out = tmp_path / "source", tmp_path / "out"
     reference_model("deepseek_v3").save_pretrained(source)
     total = sum(p.numel() for p in reference_model("deepseek_v3").state_dict().values())
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**cpu_env(4), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST_LOAD, str(source), f"127.0.0.1:{free_port}", str(i),
                                str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

@@ -18,6 +18,9 @@ N_RANKS = 512
 # Moonlight's added_tokens_decoder, as offsets after the ranks (163584 + k there)
 SPECIAL = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
            6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>", 17: "<|im_middle|>"}
+# The Kimi chat template (Moonlight-16B-A3B-Instruct's tokenizer_config.json was not among the public sources
+# reachable here; this is the template of its sibling Kimi-VL-A3B-Instruct, same special tokens and turn layout,
+# as llama-cpp-python's KimiVLChatHandler copies it from that model's chat_template.jinja, text parts only).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if loop.first and messages[0]['role'] != 'system' -%}"

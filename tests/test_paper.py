@@ -26,13 +26,18 @@ def quick(out: Path, runs: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_quick_study_writes_a_well_formed_report(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
+    # a section another script maintains in results.md survives the rewrite; the old study's text does not
+    kept = "## Kept (`bench/other.py`)\n\n<!-- bench/other.py:begin -->\nwritten elsewhere\n<!-- bench/other.py:end -->"
+    out.mkdir()
+    (out / "results.md").write_text(f"# an older study\n\n## 1. Old\n\nold text\n\n{kept}\n")
     proc = quick(out, runs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = (out / "results.md").read_text()
+    assert doc.endswith(kept + "\n") and "older study" not in doc
 
     positions = [doc.find(s) for s in SECTIONS]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
-    for section in re.split(r"\n## ", doc)[1:-1]:   # every section but Limitations has a table with a header rule
+    for section in re.split(r"\n## ", doc)[1:-2]:   # every section but Limitations (and Kept) has a table
         assert re.search(r"^\|.*\|\n\|(---\|)+\n\|", section, re.M), section[:200]
     for row in re.findall(r"^\|.*\|$", doc, re.M):
         for cell in row.strip("|").split("|"):

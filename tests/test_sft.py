@@ -3,7 +3,6 @@ the held-out assistant loss, exact resume, and the Hugging Face round trip (expo
 import contextlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -227,7 +226,7 @@ def test_hf_export_round_trip_and_fine_tuning_from_it(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_fine_tune_and_export_as_one(straight, tmp_path, free_port):
+def test_two_processes_fine_tune_and_export_as_one(straight, tmp_path, free_port, cpu_env):
     """`python -m train.sft` from a Hugging Face dir on 2 CPU processes × 1 device (jax.distributed on localhost)
     == 1 process × 2 devices: the same losses, and the same exported weights (gathered to process 0, written once)."""
     import subprocess
@@ -240,9 +239,8 @@ def test_two_processes_fine_tune_and_export_as_one(straight, tmp_path, free_port
               f"sft.init_from={export}"]
 
     def start(name, devices, *args):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
         return subprocess.Popen([sys.executable, "-m", "train.sft", f"run_dir={tmp_path / name}", *common, *args],
-                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=cpu_env(devices), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     procs = [start("one", 2)] + [start("two", 1, "--coordinator", f"127.0.0.1:{free_port}", "--num-processes", "2",
                                        "--process-id", str(i)) for i in range(2)]

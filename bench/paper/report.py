@@ -3,6 +3,7 @@ the limitations."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def run_plan(study: Study) -> tuple[dict, dict, dict[str, float]]:
     return sweeps, bests, noise
 
 
+def kept_sections(text: str) -> list[str]:
+    """The `## ` sections of an existing results.md that other scripts maintain (each holds a
+    `<!-- script:begin -->` marker, e.g. bench/gram_ns.py's): rewriting the study keeps them, after its own."""
+    return [part.rstrip() for part in re.split(r"(?m)^(?=## )", text) if re.search(r"<!-- \S+:begin -->", part)]
+
+
 def run_study(plan: Plan, out: Path, runs: Path, quick: bool) -> Path:
     """Run (or reuse) every run of the plan and write out/results.md and out/paper_*.png."""
     t0 = time.perf_counter()
@@ -53,7 +60,8 @@ def run_study(plan: Plan, out: Path, runs: Path, quick: bool) -> Path:
     doc = "\n\n".join([header(plan, quick, len(study.results), time.perf_counter() - t0), *body,
                        run_table(study.results.values()), limitations(plan, cfg)])
     path = out / "results.md"
-    path.write_text(doc + "\n")
+    kept = kept_sections(path.read_text()) if path.exists() else []
+    path.write_text("\n\n".join([doc, *kept]) + "\n")
     print(f"[bench.paper] wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
     return path
 
