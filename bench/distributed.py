@@ -51,9 +51,10 @@ def collective_bytes(hlo: str) -> tuple[int, dict[str, int]]:
     return total, counts
 
 
-def trainer_tree(config_path: str):
-    """The trainer's abstract parameters for ``config_path`` on all devices: a pure-dict tree of
-    ``jax.ShapeDtypeStruct`` with shardings, and the mesh. The only use of train/ in this file."""
+def trainer_tree(config_path: str, overrides=()):
+    """The trainer's abstract parameters for ``config_path`` (with ``key=value`` ``overrides``) on all
+    devices: a pure-dict tree of ``jax.ShapeDtypeStruct`` with shardings, and the mesh. The only use of
+    train/ in this file."""
     import jax
     from flax import nnx
 
@@ -61,7 +62,7 @@ def trainer_tree(config_path: str):
     from train.models import abstract_model, model_config_from_dict, state_shardings
     from train.runtime import make_mesh
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, list(overrides))
     model = dict(cfg.model)
     model.setdefault("vocab_size", 50257)  # the gpt2 tokenizer's, as the trainer would take it
     model_cfg = model_config_from_dict(model)
@@ -124,12 +125,12 @@ def candidates(names, params, mesh, ns_axis):
             yield name, muon_jax.muon(1e-3, mesh=mesh, ns_axis=ns_axis, ns_mode=name)
 
 
-def measure(config: str, names) -> dict:
+def measure(config: str, names, overrides=()) -> dict:
     """Compiles the step for every optimizer in ``names`` on the devices jax has; returns the figures."""
     import jax
     from muon_jax.placement import ns_cost, plan
 
-    params, mesh = trainer_tree(config)
+    params, mesh = trainer_tree(config, overrides)
     n_dev = jax.device_count()
     ns_axis = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or None
     n_ns = math.prod(mesh.shape[a] for a in ns_axis) if ns_axis else 1
@@ -140,7 +141,7 @@ def measure(config: str, names) -> dict:
     # What one device of the placement holds: its own matrices, and the all-to-all buffer.
     placement = plan(tuple(tuple(sorted(s)) for _, s in mats), tuple(c for c, _ in mats), n_ns)
     owned = max(sum(g.count * math.prod(g.shape) for g in r) for r in placement.roles) * 4
-    head = {"config": os.path.basename(config), "devices": n_dev, "mesh": dict(mesh.shape),
+    head = {"config": " ".join([os.path.basename(config), *overrides]), "devices": n_dev, "mesh": dict(mesh.shape),
             "ns_axis": ns_axis, "shard_mb": shard / 2**20, "owned_mb": owned / 2**20,
             "buffer_mb": placement.n * placement.width * 4 / 2**20, "roles": len(placement.roles),
             "n_params": sum(x.size for x in jax.tree.leaves(params)), "ns_tflop": total / 1e12,
@@ -230,6 +231,8 @@ def main():
     ap.add_argument("--optimizers", default=",".join([*MODES, OPTAX]))
     ap.add_argument("--placed-only-from", type=int, default=1024,
                     help="from this many devices on, compile only ns_mode='placed' (the baselines are slow)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. --set mesh.data=16 mesh.fsdp=-1 (a data x fsdp pod mesh)")
     ap.add_argument("--json", action="store_true", help="with --devices: print the figures as JSON last")
     ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     ap.add_argument("--save", help="also save the figures as JSON here")
@@ -240,7 +243,7 @@ def main():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={args.devices}").strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
-        result = measure(args.config, [o for o in args.optimizers.split(",") if o])
+        result = measure(args.config, [o for o in args.optimizers.split(",") if o], args.set)
         if args.json:
             print(json.dumps(result))
         return
@@ -249,7 +252,7 @@ def main():
         for config in args.configs.split(","):
             names = "placed" if n >= args.placed_only_from else args.optimizers
             out = subprocess.run([sys.executable, "-m", "bench.distributed", "--devices", str(n), "--config",
-                                  config, "--optimizers", names, "--json"],
+                                  config, "--optimizers", names, "--json", "--set", *args.set],
                                  check=True, capture_output=True, text=True).stdout
             print("\n".join(out.splitlines()[:-1]), flush=True)
             results.append(json.loads(out.splitlines()[-1]))
