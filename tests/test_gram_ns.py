@@ -12,22 +12,12 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import muon_jax
+from bench.gram_ns import ns_float64  # the NS polynomial in float64 numpy, independent of muon_jax's code
+
 ns_module = importlib.import_module("muon_jax.newton_schulz")  # the package attribute is the function
 
 FIXTURE = Path(__file__).parent / "fixtures" / "momentum_tiny.npz"
 CUSTOM = ((3.0, -3.2, 1.2), (2.5, -2.0, 0.6))  # a made-up per-step schedule
-
-
-def ns64(m, coeffs, steps=5):
-    """The NS polynomial in float64 numpy (independent of muon_jax's code)."""
-    table, scale = ns_module.resolve_coeffs(coeffs, steps)
-    x = m / (scale * np.linalg.norm(m) + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    for a, b, c in table:
-        g = x @ x.T
-        x = a * x + (b * g + c * g @ g) @ x
-    return x.T if tall else x
 
 
 def hard_matrices(n=32, m=96, seed=0):
@@ -73,12 +63,12 @@ def test_gram_equals_standard_in_float32(coeffs):
         standard, gram = ns32(stacked, coeffs, "standard"), ns32(stacked, coeffs, "gram")
         for name, m, s, g in zip(batch, stacked, standard, gram):
             assert rel(g, s) <= 1e-4, (name, rel(g, s))
-            assert rel(g, ns64(m, coeffs)) <= 1e-4, (name, rel(g, ns64(m, coeffs)))
+            assert rel(g, ns_float64(m, coeffs)) <= 1e-4, (name, rel(g, ns_float64(m, coeffs)))
 
 
 def test_batched_restarts_and_traced_steps():
     x = jax.random.normal(jax.random.key(0), (2, 3, 16, 40))
-    ref = np.stack([ns64(np.asarray(m, np.float64), "polar_express", 7) for m in x.reshape(-1, 16, 40)])
+    ref = np.stack([ns_float64(np.asarray(m, np.float64), "polar_express", 7) for m in x.reshape(-1, 16, 40)])
     for restarts in [(), (1, 2, 3, 4, 5, 6, 9)]:  # 9: past the last step, ignored
         out = ns32(x, "polar_express", "gram", steps=7, restarts=restarts)
         assert out.shape == x.shape and rel(out.reshape(ref.shape), ref) <= 1e-4, restarts
