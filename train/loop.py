@@ -157,20 +157,14 @@ def setup(cfg: Config, inputs: Callable[[Config, jax.sharding.Mesh], RunInputs])
     run_inputs = inputs(cfg, mesh)
     model_cfg = model_config_for(cfg, run_inputs.tokenizer)
     graphdef, state, tx, schedule, labels = initial_state(cfg, model_cfg, mesh, run_inputs)
-    log.info("attention: %s (%s)", *attention_path(jax.default_backend(), model_cfg.dtype, head_dim(model_cfg)))
+    log.info("attention: %s (%s)", *attention_path(jax.default_backend(), model_cfg.dtype,
+                                                   model_cfg.attention_head_dim))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, labels, model_cfg),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
     ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     return Run(cfg, run_dir, mesh, run_inputs, model_cfg, graphdef, state, step_fn, make_eval_step(graphdef),
                [local_rows(b) for b in run_inputs.val_batches], ckpt)
-
-
-def head_dim(model_cfg) -> int:
-    """The head dim the attention kernel sees (MLA: the larger of the q/k and v widths, padded to one)."""
-    if hasattr(model_cfg, "qk_nope_head_dim"):
-        return max(model_cfg.qk_nope_head_dim + model_cfg.qk_rope_head_dim, model_cfg.v_head_dim)
-    return model_cfg.head_dim
 
 
 def resume(run: Run) -> None:

@@ -148,6 +148,11 @@ class LlamaConfig(_Config):
         super().__post_init__()
 
     @property
+    def attention_head_dim(self) -> int:
+        """The head dim the attention kernel sees."""
+        return self.head_dim
+
+    @property
     def o_proj_bias(self) -> bool:
         """Llama's attention_bias covers o_proj too; Qwen2 biases only q/k/v."""
         return self.attention_bias and self.model_type == "llama"
@@ -240,6 +245,11 @@ class DeepseekV3Config(_Config):
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def attention_head_dim(self) -> int:
+        """The head dim the attention kernel sees: the larger of the q/k and v widths (the other is padded)."""
+        return max(self.qk_head_dim, self.v_head_dim)
 
     @property
     def num_moe_layers(self) -> int:
