@@ -74,13 +74,13 @@ def trainer_tree(config_path: str, overrides=()):
     return params, mesh
 
 
-def muon_shapes(params) -> list[tuple[int, tuple[int, int]]]:
-    """(count, matrix shape) of every leaf muon_jax's default labels send to Muon."""
+def muon_leaves(params) -> list:
+    """The leaves muon_jax's default labels send to Muon."""
     import jax
     import muon_jax
 
-    return [(math.prod(x.shape[:-2]), x.shape[-2:]) for label, x in
-            zip(jax.tree.leaves(muon_jax.default_labels(params)), jax.tree.leaves(params)) if label == "muon"]
+    return [x for label, x in zip(jax.tree.leaves(muon_jax.default_labels(params)), jax.tree.leaves(params))
+            if label == "muon"]
 
 
 def state_sharding(path, leaf, params):
@@ -114,7 +114,9 @@ def compile_step(tx, params):
 
 
 def candidates(names, params, mesh, ns_axis):
-    """The optimizers to compare, by name."""
+    """The optimizers to compare, by name (muon_jax's told the parameters' partition specs, as the
+    trainer does)."""
+    import jax
     import muon_jax
     from bench.optimizer import optax_contrib_same_math
 
@@ -122,28 +124,31 @@ def candidates(names, params, mesh, ns_axis):
         if name == OPTAX:
             yield name, optax_contrib_same_math(1e-3, params)
         else:
-            yield name, muon_jax.muon(1e-3, mesh=mesh, ns_axis=ns_axis, ns_mode=name)
+            specs = jax.tree.map(lambda x: x.sharding.spec, params)
+            yield name, muon_jax.muon(1e-3, mesh=mesh, ns_axis=ns_axis, ns_mode=name, param_specs=specs)
 
 
 def measure(config: str, names, overrides=()) -> dict:
     """Compiles the step for every optimizer in ``names`` on the devices jax has; returns the figures."""
     import jax
-    from muon_jax.placement import ns_cost, plan
+    from muon_jax.distributed import plan_leaves
+    from muon_jax.placement import ns_cost
 
     params, mesh = trainer_tree(config, overrides)
     n_dev = jax.device_count()
     ns_axis = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or None
     n_ns = math.prod(mesh.shape[a] for a in ns_axis) if ns_axis else 1
     shard = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
-    mats = muon_shapes(params)
+    leaves = muon_leaves(params)
+    mats = [(math.prod(x.shape[:-2]), x.shape[-2:]) for x in leaves]
     total = sum(c * ns_cost(s) for c, s in mats)
     limit = max(total / n_ns, max(ns_cost(s) for _, s in mats))
-    # What one device of the placement holds: its own matrices, and the all-to-all buffer.
-    placement = plan(tuple(tuple(sorted(s)) for _, s in mats), tuple(c for c, _ in mats), n_ns)
-    owned = max(sum(g.count * math.prod(g.shape) for g in r) for r in placement.roles) * 4
+    # What one device of the placement holds: its own matrices, and the all-to-all buffers.
+    _, placement = plan_leaves([x.shape for x in leaves], [x.sharding.spec for x in leaves], mesh, ns_axis or ())
     head = {"config": " ".join([os.path.basename(config), *overrides]), "devices": n_dev, "mesh": dict(mesh.shape),
-            "ns_axis": ns_axis, "shard_mb": shard / 2**20, "owned_mb": owned / 2**20,
-            "buffer_mb": placement.n * placement.width * 4 / 2**20, "roles": len(placement.roles),
+            "ns_axis": ns_axis, "shard_mb": shard / 2**20, "owned_mb": placement.owned_elements() * 4 / 2**20,
+            "buffer_mb": placement.buffer_elements() * 4 / 2**20, "roles": len(placement.roles),
+            "exchanges": [list(e) for e in placement.exchanges],
             "n_params": sum(x.size for x in jax.tree.leaves(params)), "ns_tflop": total / 1e12,
             "largest_mb": max(math.prod(s) for _, s in mats) * 4 / 2**20, "rows": {}}
     for name, tx in candidates(names, params, mesh, ns_axis):

@@ -5,6 +5,7 @@ Design, data movement, costs and how to choose ``ns_axis``: docs/distributed.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -15,7 +16,7 @@ from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from muon_jax.placement import Group, Placement, plan
+from muon_jax.placement import Group, Layout, Leaf, MeshAxes, Placement, plan
 
 NS_MODES = ("placed", "balanced", "gather")
 NsAxis = Union[None, str, Sequence[str]]
@@ -91,6 +92,72 @@ def hidden_first(shapes: list[tuple[int, int]]) -> list[bool]:
     return [s[1] == hidden and s[0] != hidden for s in shapes]
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """How one leaf enters the exchange. With its partition spec known (``flat`` False) the leaf goes in
+    as it lies, ``spec`` (its spec on ``ns_axis``); devices holding the same block (``reps_axes``) each
+    send a slice of it and gather the results. Otherwise (``flat``) it is transposed if ``transpose``,
+    flattened to ``[matrices, a·b]`` and laid out ``P(None, ns_axis)`` first, which XLA reshards to."""
+    leaf: Leaf
+    spec: P
+    reps_axes: tuple[str, ...] = ()
+    flat: bool = False
+    transpose: bool = False
+
+
+def _linear(coords: dict, axes, sizes: dict) -> int:
+    """The linear index of a device along ``axes`` (first major), as ``axis_index`` and specs count."""
+    index = 0
+    for a in axes:
+        index = index * sizes[a] + int(coords[a])
+    return index
+
+
+def leaf_plan(shape: tuple[int, ...], spec: Optional[P], axes: MeshAxes) -> Optional[LeafPlan]:
+    """The plan of a leaf (matrix axes last) sharded as ``spec``; None if ``spec`` is unknown or does
+    not divide the leaf evenly."""
+    if spec is None:
+        return None
+    sizes = dict(axes)
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    kept = [tuple(a for a in ((e,) if isinstance(e, str) else tuple(e or ())) if a in sizes) for e in entries]
+    if len(entries) != len(shape) or any(d % math.prod(sizes[a] for a in k) for d, k in zip(shape, kept)):
+        return None
+    batch = {a for k in kept[:-2] for a in k}
+    exchange = tuple(a for a, _ in axes if a not in batch)
+    rows, cols = kept[-2], kept[-1]
+    reps_axes = tuple(a for a in exchange if a not in rows + cols)
+    grid = (math.prod(sizes[a] for a in rows), math.prod(sizes[a] for a in cols))
+    reps = math.prod(sizes[a] for a in reps_axes)
+    order = []
+    for q in range(math.prod(sizes[a] for a in exchange)):
+        coords = dict(zip(exchange, np.unravel_index(q, [sizes[a] for a in exchange]))) if exchange else {}
+        block = _linear(coords, rows, sizes) * grid[1] + _linear(coords, cols, sizes)
+        order.append(block * reps + _linear(coords, reps_axes, sizes))
+    layout = Layout(tuple(shape[-2:]), grid, reps, tuple(order))
+    count = math.prod(shape[:-2]) // math.prod(sizes[a] for a in batch)
+    in_spec = P(*[k[0] if len(k) == 1 else (k or None) for k in kept])
+    return LeafPlan(Leaf(layout, count, exchange), in_spec, reps_axes)
+
+
+def flat_plan(shape: tuple[int, ...], transpose: bool, axes: MeshAxes) -> LeafPlan:
+    """The plan of a leaf whose layout is unknown: flattened, every device of ``axes`` holds 1/n of it."""
+    names, n = tuple(a for a, _ in axes), math.prod(s for _, s in axes)
+    a, b = shape[-1:-3:-1] if transpose else shape[-2:]
+    layout = Layout((a, b), (1, 1), n, tuple(range(n)))
+    return LeafPlan(Leaf(layout, math.prod(shape[:-2]), names), P(None, names), flat=True, transpose=transpose)
+
+
+def plan_leaves(shapes: Sequence[tuple[int, ...]], specs: Sequence[Optional[P]], mesh: Mesh,
+                ns_axes: tuple[str, ...]) -> tuple[list[LeafPlan], Placement]:
+    """Every leaf's plan (matrix axes last, ``specs`` where known) and the placement of their matrices
+    on the devices of ``ns_axes``."""
+    axes = tuple((a, mesh.shape[a]) for a in ns_axes)
+    flip = hidden_first([tuple(s[-2:]) for s in shapes])
+    plans = [leaf_plan(s, p, axes) or flat_plan(s, f, axes) for s, p, f in zip(shapes, specs, flip)]
+    return plans, plan(tuple(lp.leaf for lp in plans), axes)
+
+
 def _window_dims(piece: int):
     gather = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(), start_index_map=(0,))
     scatter = jax.lax.ScatterDimensionNumbers(
@@ -98,9 +165,9 @@ def _window_dims(piece: int):
     return gather, scatter
 
 
-def pack(pieces: list[jax.Array], starts: list[np.ndarray], size: int) -> jax.Array:
+def pack(pieces: list[jax.Array], starts: list[np.ndarray], size: int, dtype) -> jax.Array:
     """A flat ``[size]`` buffer with row ``k`` of ``pieces[i]`` written at element ``starts[i][k]``."""
-    flat = jnp.zeros((size,), pieces[0].dtype)
+    flat = jnp.zeros((size,), dtype)
     for x, at in zip(pieces, starts):
         _, dims = _window_dims(x.shape[1])
         flat = jax.lax.scatter(flat, jnp.asarray(at[:, None], jnp.int32), x, dims, indices_are_sorted=False,
@@ -118,98 +185,171 @@ def unpack(flat: jax.Array, starts: list[np.ndarray], piece: list[int]) -> list[
     return out
 
 
-def run_role(recv: jax.Array, role: tuple[Group, ...], ns: Callable) -> jax.Array:
-    """One device role: its owned matrices reassembled from ``recv`` (``[n, width]``, row ``i`` from
-    device ``i``), orthogonalised per shape (a shape and its transpose in one batch), written back."""
-    n, width = recv.shape
-    blocks = {}
-    for g in role:
-        flat = recv[:, g.offset:g.offset + g.count * g.piece].reshape(n, g.count, g.piece)
-        mats = flat.transpose(1, 0, 2).reshape(g.count, n * g.piece)[:, :math.prod(g.shape)]
-        blocks[g] = mats.reshape(g.count, *g.shape)
-    by_key: dict[tuple[int, int], list[Group]] = {}
-    for g in role:
-        by_key.setdefault(tuple(sorted(g.shape)), []).append(g)
-    for key, groups in by_key.items():
-        batch = [blocks[g] if g.shape == key else jnp.swapaxes(blocks[g], 1, 2) for g in groups]
+def assemble(x: jax.Array, lay: Layout) -> jax.Array:
+    """``[n, count, piece]`` pieces (row ``q`` from device ``q`` of the exchange) → ``[count, a, b]``."""
+    n, count, piece = x.shape
+    (gr, gc), (a, b) = lay.grid, lay.shape
+    if lay.order != tuple(range(n)):
+        x = x[np.argsort(lay.order)]
+    x = x.reshape(gr, gc, lay.reps, count, piece).transpose(3, 0, 1, 2, 4).reshape(count, gr, gc, -1)
+    x = x[..., :lay.block].reshape(count, gr, gc, a // gr, b // gc)
+    return x.transpose(0, 1, 3, 2, 4).reshape(count, a, b)
+
+
+def disassemble(y: jax.Array, lay: Layout) -> jax.Array:
+    """The inverse of :func:`assemble`: ``[count, a, b]`` → ``[n, count, piece]``."""
+    count, (gr, gc), (a, b) = y.shape[0], lay.grid, lay.shape
+    x = y.reshape(count, gr, a // gr, gc, b // gc).transpose(0, 1, 3, 2, 4).reshape(count, gr, gc, lay.block)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, lay.reps * lay.piece - lay.block)))
+    x = x.reshape(count, gr, gc, lay.reps, lay.piece).transpose(1, 2, 3, 0, 4).reshape(-1, count, lay.piece)
+    return x if lay.order == tuple(range(len(lay.order))) else x[np.asarray(lay.order)]
+
+
+def orthogonalize_groups(blocks: dict, ns: Callable) -> dict:
+    """``ns`` on every ``[count, a, b]`` block, one batch per shape (a shape and its transpose together)."""
+    by_key: dict[tuple[int, int], list] = {}
+    for key, m in blocks.items():
+        by_key.setdefault(tuple(sorted(m.shape[1:])), []).append(key)
+    out = {}
+    for shape, keys in by_key.items():
+        batch = [blocks[k] if blocks[k].shape[1:] == shape else jnp.swapaxes(blocks[k], 1, 2) for k in keys]
         done = ns(jnp.concatenate(batch) if len(batch) > 1 else batch[0])
-        for g, part in zip(groups, jnp.split(done, np.cumsum([g.count for g in groups])[:-1])):
-            blocks[g] = part if g.shape == key else jnp.swapaxes(part, 1, 2)
-    rows = []
-    for g in role:
-        flat = jnp.pad(blocks[g].reshape(g.count, -1), ((0, 0), (0, n * g.piece - math.prod(g.shape))))
-        rows.append(flat.reshape(g.count, n, g.piece).transpose(1, 0, 2).reshape(n, -1))
-    used = sum(g.count * g.piece for g in role)
-    rows.append(jnp.zeros((n, width - used), recv.dtype))
-    return jnp.concatenate(rows, axis=1)
+        for k, part in zip(keys, jnp.split(done, np.cumsum([blocks[k].shape[0] for k in keys])[:-1])):
+            out[k] = part if blocks[k].shape[1:] == shape else jnp.swapaxes(part, 1, 2)
+    return out
 
 
-def exchange(local: list[jax.Array], ns: Callable, placement: Placement, starts: list[np.ndarray],
+def run_role(recvs: list[jax.Array], role: tuple[tuple[Group, ...], ...], ns: Callable) -> tuple:
+    """One device role: its owned matrices reassembled from every exchange's ``[n, width]`` receive
+    buffer, orthogonalised per shape, and written back in place."""
+    blocks = {}
+    for k, (recv, groups) in enumerate(zip(recvs, role)):
+        for g in groups:
+            piece = g.layout.piece
+            x = recv[:, g.offset:g.offset + g.count * piece].reshape(recv.shape[0], g.count, piece)
+            blocks[k, g] = assemble(x, g.layout)
+    done = orthogonalize_groups(blocks, ns)
+    outs = []
+    for k, (recv, groups) in enumerate(zip(recvs, role)):
+        n, width = recv.shape
+        rows = [disassemble(done[k, g], g.layout).reshape(n, -1) for g in groups]
+        rows.append(jnp.zeros((n, width - sum(g.count * g.layout.piece for g in groups)), recv.dtype))
+        outs.append(jnp.concatenate(rows, axis=1))
+    return tuple(outs)
+
+
+def to_piece(x: jax.Array, lp: LeafPlan) -> jax.Array:
+    """This device's ``[count, piece]`` share of a leaf's local block (a slice of it when replicated)."""
+    lay = lp.leaf.layout
+    x = x.reshape(lp.leaf.count, -1)
+    if lp.flat or lay.reps == 1:
+        return x
+    x = jnp.pad(x, ((0, 0), (0, lay.reps * lay.piece - lay.block)))
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(lp.reps_axes) * lay.piece, lay.piece, axis=1)
+
+
+def from_pieces(pieces: list[jax.Array], plans: list[LeafPlan]) -> list[jax.Array]:
+    """Inverse of :func:`to_piece` for all leaves: one all-gather per set of replica axes."""
+    out = list(pieces)
+    by_axes: dict[tuple[str, ...], list[int]] = {}
+    for i, lp in enumerate(plans):
+        if not lp.flat and lp.leaf.layout.reps > 1:
+            by_axes.setdefault(lp.reps_axes, []).append(i)
+    for axes, members in by_axes.items():
+        full = jax.lax.all_gather(jnp.concatenate([pieces[i].reshape(-1) for i in members]), axes)
+        splits = np.cumsum([pieces[i].size for i in members])[:-1]
+        for i, part in zip(members, jnp.split(full, splits, axis=1)):
+            lay, count = plans[i].leaf.layout, plans[i].leaf.count
+            part = part.reshape(lay.reps, count, lay.piece).transpose(1, 0, 2).reshape(count, -1)
+            out[i] = part[:, :lay.block]
+    return out
+
+
+def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: list[LeafPlan],
              ns_axes: tuple[str, ...]) -> list[jax.Array]:
-    """Inside ``shard_map``: this device's pieces (``[B_i, piece_i]`` per leaf) go to their owners in
-    one all-to-all, each owner runs its role, and one all-to-all brings the results back."""
-    n, width = placement.n, placement.width
-    send = pack(local, starts, n * width).reshape(n, width)
-    recv = jax.lax.all_to_all(send, ns_axes, 0, 0, tiled=True)
+    """Inside ``shard_map``: every device sends its pieces to their owners (one all-to-all per exchange),
+    each owner runs its role, the results come back the same way and replicas gather theirs."""
+    pieces = [to_piece(x, lp) for x, lp in zip(local, plans)]
+    members = [[i for i, lp in enumerate(plans) if lp.leaf.exchange == ex] for ex in placement.exchanges]
+    recvs = []
+    for ex, idx, n, width in zip(placement.exchanges, members, placement.sizes, placement.widths):
+        starts = [np.asarray(placement.starts[i]) for i in idx]
+        send = pack([pieces[i] for i in idx], starts, n * width, pieces[0].dtype).reshape(n, width)
+        recvs.append(jax.lax.all_to_all(send, ex, 0, 0, tiled=True) if ex else send)
     branches = [lambda r, role=role: run_role(r, role, ns) for role in placement.roles]
     if len(branches) == 1:
-        done = branches[0](recv)
+        done = branches[0](recvs)
     else:
         me = jax.lax.axis_index(ns_axes)
-        done = jax.lax.switch(jnp.asarray(placement.role_of, jnp.int32)[me], branches, recv)
-    back = jax.lax.all_to_all(done, ns_axes, 0, 0, tiled=True).reshape(-1)
-    return unpack(back, starts, [x.shape[1] for x in local])
+        done = jax.lax.switch(jnp.asarray(placement.role_of, jnp.int32)[me], branches, recvs)
+    out: list = [None] * len(plans)
+    for ex, idx, result in zip(placement.exchanges, members, done):
+        back = (jax.lax.all_to_all(result, ex, 0, 0, tiled=True) if ex else result).reshape(-1)
+        starts = [np.asarray(placement.starts[i]) for i in idx]
+        for i, x in zip(idx, unpack(back, starts, [pieces[i].shape[1] for i in idx])):
+            out[i] = x
+    return [x.reshape(y.shape) for x, y in zip(from_pieces(out, plans), local)]
 
 
-def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, ...]) -> list[jax.Array]:
-    """Cost-balanced mode: every matrix whole on the one device of ``ns_axes`` that :func:`plan`
-    gives it, one all-to-all out and one back for all leaves together (docs/distributed.md)."""
-    n = math.prod(mesh.shape[a] for a in ns_axes)
-    flip = hidden_first([m.shape[-2:] for m in mats])
-    canon = [jnp.swapaxes(m, -1, -2) if f else m for m, f in zip(mats, flip)]
-    shapes = tuple(tuple(c.shape[-2:]) for c in canon)
-    counts = tuple(math.prod(c.shape[:-2]) for c in canon)
-    placement = plan(shapes, counts, n)
-    flat_spec = NamedSharding(mesh, P(None, ns_axes))
-    flats = []
-    for c, s, b in zip(canon, shapes, counts):
-        x = c.reshape(b, math.prod(s))
-        x = jnp.pad(x, ((0, 0), (0, -x.shape[1] % n)))
-        flats.append(jax.lax.with_sharding_constraint(x, flat_spec))
-    bounds = np.cumsum((0,) + counts)
-    starts = [np.asarray(placement.owner[lo:hi]) * placement.width + np.asarray(placement.offset[lo:hi])
-              for lo, hi in zip(bounds[:-1], bounds[1:])]
-    dtype = jnp.result_type(*flats)
-    mapped = jax.shard_map(
-        lambda xs: exchange([x.astype(dtype) for x in xs], ns, placement, starts, ns_axes),
-        mesh=mesh, in_specs=(P(None, ns_axes),), out_specs=P(None, ns_axes), check_vma=False)
-    outs = mapped(flats)
+def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, ...],
+           specs: Sequence[Optional[P]], anchors: Optional[list[jax.Array]] = None) -> list[jax.Array]:
+    """Cost-balanced mode: every matrix whole on the one device of ``ns_axes`` that :func:`plan` gives
+    it, one all-to-all out and one back per exchange (docs/distributed.md). ``specs``: each leaf's
+    partition spec (matrix axes last) where known; a leaf without one is resharded by XLA first, and
+    tied back to its ``anchor`` (a leaf with one comes out in its own layout, and an anchor there only
+    makes XLA move things about)."""
+    if not mats:
+        return []
+    plans, placement = plan_leaves([m.shape for m in mats], specs, mesh, ns_axes)
+    dtype = jnp.result_type(*mats)
+    inputs = []
+    for m, lp in zip(mats, plans):
+        x = m.astype(dtype)
+        if lp.flat:
+            x = (jnp.swapaxes(x, -1, -2) if lp.transpose else x).reshape(lp.leaf.count, -1)
+            x = jnp.pad(x, ((0, 0), (0, lp.leaf.layout.reps * lp.leaf.layout.piece - x.shape[1])))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, lp.spec))
+        inputs.append(x)
+    specs_in = [lp.spec for lp in plans]
+    outs = jax.shard_map(lambda xs: exchange(xs, ns, placement, plans, ns_axes), mesh=mesh,
+                         in_specs=(specs_in,), out_specs=specs_in, check_vma=False)(inputs)
     results = []
-    for o, m, c, s, f in zip(outs, mats, canon, shapes, flip):
-        r = o[:, :math.prod(s)].reshape(c.shape).astype(m.dtype)
-        results.append(jnp.swapaxes(r, -1, -2) if f else r)
+    for i, (o, m, lp) in enumerate(zip(outs, mats, plans)):
+        if lp.flat:
+            o = o[:, :lp.leaf.layout.block].reshape(m.shape[:-2] + lp.leaf.layout.shape)
+            o = jnp.swapaxes(o, -1, -2) if lp.transpose else o
+            o = o if anchors is None else shard_alike(anchors[i], o)[1]
+        results.append(o.astype(m.dtype))
     return results
 
 
 def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns_axes: tuple[str, ...],
-                          ns_mode: str, anchors: Optional[list[jax.Array]] = None) -> list[jax.Array]:
+                          ns_mode: str, anchors: Optional[list[jax.Array]] = None,
+                          specs: Optional[Sequence[Optional[P]]] = None) -> list[jax.Array]:
     """Applies ``ns`` (NS over the last two axes) to every array of ``mats`` (matrix axes last, any
     leading batch axes), distributed over ``ns_axes`` of ``mesh`` as ``ns_mode`` says.
 
     ``anchors``: arrays of the same shapes whose layout the results must take, normally the
-    parameters (jit inputs, so their layout is fixed); see docs/distributed.md.
+    parameters (jit inputs, so their layout is fixed); see docs/distributed.md. ``specs``: the
+    partition spec of each of ``mats`` where known (read from the types on ``Explicit`` meshes).
     """
     auto = _auto_axes_mesh(mesh)
+    explicit = any(t != AxisType.Auto for t in mesh.axis_types)
+    if explicit:
+        specs = [jax.typeof(m).sharding.spec for m in mats]
+    specs = [None] * len(mats) if specs is None else list(specs)
 
-    def run(mats):
-        if ns_mode == "gather":
-            return gathered(mats, ns, auto)
-        if ns_mode == "balanced":
-            return balanced(mats, ns, auto, ns_axes)
-        return placed(mats, ns, auto, ns_axes)
-
-    if any(t != AxisType.Auto for t in mesh.axis_types):
+    if explicit:
         # Explicit axes: the shardings are in the types; compute in Auto axes and come back to them.
-        return jax.sharding.auto_axes(run, out_sharding=[jax.typeof(m).sharding for m in mats])(mats)
-    out = run(mats)
+        return jax.sharding.auto_axes(lambda ms: placed(ms, ns, auto, ns_axes, specs) if ns_mode == "placed"
+                                      else run_padded_or_gathered(ms, ns, auto, ns_axes, ns_mode),
+                                      out_sharding=[jax.typeof(m).sharding for m in mats])(mats)
+    if ns_mode == "placed":
+        return placed(mats, ns, auto, ns_axes, specs, anchors)
+    out = run_padded_or_gathered(mats, ns, auto, ns_axes, ns_mode)
     return out if anchors is None else [shard_alike(a, o)[1] for a, o in zip(anchors, out)]
+
+
+def run_padded_or_gathered(mats, ns, mesh, ns_axes, ns_mode):
+    """The two comparison modes, ``"gather"`` and ``"balanced"``."""
+    return gathered(mats, ns, mesh) if ns_mode == "gather" else balanced(mats, ns, mesh, ns_axes)

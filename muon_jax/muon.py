@@ -67,6 +67,7 @@ def muon(
     ns_mode: str = "placed",
     ns_method: str = "auto",
     ns_restarts: Optional[tuple[int, ...]] = None,
+    param_specs: Any = None,
 ) -> optax.GradientTransformation:
     r"""Muon as in Moonlight (Liu et al. 2025, *Muon is Scalable for LLM Training*, arXiv 2502.16982).
 
@@ -114,6 +115,9 @@ def muon(
         every device does about the same work; one all-to-all out and one back), ``"balanced"``
         (same-shape batches padded to the device count) or ``"gather"`` (Moonlight's distributed
         Muon: every device orthogonalises all full matrices); see docs/distributed.md.
+      param_specs: the parameters' ``PartitionSpec`` per leaf (a pytree like the parameters, or a
+        callable returning one from them); lets ``"placed"`` move pieces straight from each leaf's own
+        layout (see :func:`muon_jax.orthogonalize`). Optional.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -126,7 +130,7 @@ def muon(
         scale_by_momentum(momentum, nesterov=nesterov, mu_dtype=mu_dtype),
         orthogonalize(steps=ns_steps, coeffs=ns_coeffs, eps=ns_eps, dtype=ns_dtype,
                       matrix_axes=matrix_axes, mesh=mesh, ns_axis=ns_axis, ns_mode=ns_mode,
-                      method=ns_method, restarts=ns_restarts),
+                      method=ns_method, restarts=ns_restarts, param_specs=param_specs),
         scale_by_shape(lr_scale, matrix_axes=matrix_axes),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -1,6 +1,6 @@
 """Static cost-balanced placement of matrices on devices for ``ns_mode="placed"`` (docs/distributed.md).
 
-Pure Python on shapes only: computed once at trace time, cached, no per-step host work.
+Pure Python on shapes and partition specs only: computed once at trace time, cached, no per-step host work.
 """
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import functools
 import heapq
 import math
 
+import numpy as np
+
 Shape = tuple[int, int]
+MeshAxes = tuple[tuple[str, int], ...]  # (name, size) of each ``ns_axis``, major first
 
 
 def ns_cost(shape: Shape, steps: int = 5) -> int:
@@ -19,44 +22,94 @@ def ns_cost(shape: Shape, steps: int = 5) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Group:
-    """``count`` same-shape matrices owned by one role, stored from element ``offset`` of each buffer
-    row, each as one ``piece`` elements long per sending device."""
+class Layout:
+    """How the devices of one exchange hold a leaf's ``shape`` matrices: each device holds block ``(i, j)``
+    of a ``grid[0] × grid[1]`` cut of every matrix (flattened), ``reps`` devices hold the same block and
+    each sends ``1/reps`` of it; ``order[q]`` is the index ``(i·grid[1] + j)·reps + ρ`` of the piece that
+    device ``q`` of the exchange sends."""
     shape: Shape
+    grid: tuple[int, int]
+    reps: int
+    order: tuple[int, ...]
+
+    @property
+    def block(self) -> int:
+        """Elements of one device's block of a matrix."""
+        return math.prod(self.shape) // math.prod(self.grid)
+
+    @property
+    def piece(self) -> int:
+        """Elements one device sends of a matrix (its block split ``reps`` ways, padded)."""
+        return -(-self.block // self.reps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """``count`` matrices per exchange group, laid out as ``layout``, exchanged over the mesh axes
+    ``exchange`` (``ns_axis`` less the axes that shard the leaf's batch dimensions)."""
+    layout: Layout
+    count: int
+    exchange: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """``count`` matrices of one layout owned by one device, their pieces stored from element ``offset``
+    of every row of the all-to-all buffer."""
+    layout: Layout
     count: int
     offset: int
-    piece: int
+
+    @property
+    def shape(self) -> Shape:
+        return self.layout.shape
 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where every matrix lives while it is orthogonalised.
 
-    Matrices are numbered leaf by leaf (leaf ``i`` holds ``counts[i]`` matrices of ``shapes[i]``).
-    Matrix ``m`` goes to device ``owner[m]`` and its pieces sit at element ``offset[m]`` of the rows
-    of a ``[n, width]`` all-to-all buffer. Devices with the same list of groups share a role.
+    Leaves with the same ``exchange`` axes form one exchange ``k``: ``sizes[k]`` devices, an
+    ``[sizes[k], widths[k]]`` all-to-all buffer. ``starts[i][m]`` is where in that buffer (flattened)
+    the device's piece of matrix ``m`` of leaf ``i`` goes: the owner's row, the matrix's offset.
+    ``roles[r][k]`` lists the groups a device of role ``r`` owns in exchange ``k``; ``role_of[d]`` is
+    the role of device ``d`` of ``ns_axis``.
     """
-    n: int
-    width: int
-    owner: tuple[int, ...]
-    offset: tuple[int, ...]
-    roles: tuple[tuple[Group, ...], ...]
+    exchanges: tuple[tuple[str, ...], ...]
+    sizes: tuple[int, ...]
+    widths: tuple[int, ...]
+    starts: tuple[tuple[int, ...], ...]
+    roles: tuple[tuple[tuple[Group, ...], ...], ...]
     role_of: tuple[int, ...]
 
     def load(self, device: int) -> int:
         """NS FLOPs of one device."""
-        return sum(ns_cost(g.shape) * g.count for g in self.roles[self.role_of[device]])
+        return sum(ns_cost(g.shape) * g.count for groups in self.roles[self.role_of[device]] for g in groups)
+
+    def owned_elements(self) -> int:
+        """Elements of the matrices the busiest (in bytes) device orthogonalises."""
+        return max(sum(g.count * math.prod(g.shape) for gs in role for g in gs) for role in self.roles)
+
+    def buffer_elements(self) -> int:
+        """Elements of one device's all-to-all buffers, all exchanges together."""
+        return sum(n * w for n, w in zip(self.sizes, self.widths))
 
 
-def piece_size(shape: Shape, n: int) -> int:
-    """Elements of one device's share of a flattened matrix, padded to a multiple of ``n``."""
-    return -(-math.prod(shape) // n)
+def positions(axes: MeshAxes, exchange: tuple[str, ...]) -> np.ndarray:
+    """For every device of ``axes`` (linear index, major first), its index among the devices of its
+    exchange group (the devices that differ from it only along ``exchange``)."""
+    names, sizes = [a for a, _ in axes], [s for _, s in axes]
+    coords = np.indices(sizes).reshape(len(sizes), -1) if sizes else np.zeros((0, 1), int)
+    keep = [names.index(a) for a in exchange]
+    return np.ravel_multi_index(coords[keep], [sizes[i] for i in keep]) if keep else np.zeros(coords.shape[1], int)
 
 
-def assign(costs: list[int], sizes: list[int], n: int) -> list[int]:
-    """Greedy largest-first bin packing (as Megatron's ``layer_sharded`` mode): each matrix goes to the
-    least-loaded device, ties to the one holding the fewest bytes, then the lowest index."""
-    heap = [(0, 0, d) for d in range(n)]
+def assign(costs: list[int], sizes: list[int], base: list[int]) -> list[int]:
+    """Greedy largest-first bin packing (as Megatron's ``layer_sharded`` mode) onto ``len(base)`` bins
+    that start with loads ``base``: each matrix to the least-loaded bin, ties to the one holding the
+    fewest bytes, then the lowest index."""
+    heap = [(b, 0, d) for d, b in enumerate(base)]
+    heapq.heapify(heap)
     owner = [0] * len(costs)
     for m in sorted(range(len(costs)), key=lambda m: (-costs[m], -sizes[m], m)):
         load, size, d = heapq.heappop(heap)
@@ -65,31 +118,56 @@ def assign(costs: list[int], sizes: list[int], n: int) -> list[int]:
     return owner
 
 
-@functools.lru_cache(maxsize=64)
-def plan(shapes: tuple[Shape, ...], counts: tuple[int, ...], n: int) -> Placement:
-    """The placement of ``counts[i]`` matrices of ``shapes[i]`` (leaf order) on ``n`` devices."""
-    mats = [s for s, c in zip(shapes, counts) for _ in range(c)]
-    pieces = [piece_size(s, n) for s in mats]
-    owner = assign([ns_cost(s) for s in mats], pieces, n)
-    # Per device, owned matrices go shape by shape (a fixed shape order), so a role is a list of
-    # (shape, count) and every device of a role reads its buffer at the same offsets.
-    order = sorted(set(mats), key=lambda s: (-ns_cost(s), s))
+def group_owned(mats: list[tuple[int, int, Layout]], owner: list[int], n: int):
+    """Per exchange position, its matrices as groups of one layout (a fixed layout order, so devices
+    owning the same mix read their buffers at the same offsets), and every matrix's offset."""
+    order = sorted({lay for _, _, lay in mats}, key=lambda lay: (-ns_cost(lay.shape), repr(lay)))
     owned: list[list[int]] = [[] for _ in range(n)]
-    for m in sorted(range(len(mats)), key=lambda m: (order.index(mats[m]), m)):
+    for m in sorted(range(len(mats)), key=lambda m: (order.index(mats[m][2]), m)):
         owned[owner[m]].append(m)
-    offset, roles, role_index, role_of = [0] * len(mats), [], {}, []
-    for d in range(n):
-        groups, at = [], 0
-        for m in owned[d]:
+    offset, groups = [0] * len(mats), []
+    for p in range(n):
+        mine, at = [], 0
+        for m in owned[p]:
+            lay = mats[m][2]
             offset[m] = at
-            at += pieces[m]
-            if groups and groups[-1][0] == mats[m]:
-                groups[-1][1] += 1
+            at += lay.piece
+            if mine and mine[-1][0] == lay:
+                mine[-1][1] += 1
             else:
-                groups.append([mats[m], 1, offset[m], pieces[m]])
-        role = tuple(Group(s, c, o, p) for s, c, o, p in groups)
+                mine.append([lay, 1, offset[m]])
+        groups.append(tuple(Group(lay, c, o) for lay, c, o in mine))
+    return groups, offset
+
+
+@functools.lru_cache(maxsize=64)
+def plan(leaves: tuple[Leaf, ...], axes: MeshAxes) -> Placement:
+    """The placement of every matrix of ``leaves`` on the devices of ``axes``.
+
+    Exchanges whose leaves are sharded along batch axes (experts over ``expert``) repeat the same
+    placement in every group, so they are placed first, on their group positions; the exchange over all
+    of ``axes`` fills in around them. The load of a position is the highest load of its devices.
+    """
+    exchanges = sorted({leaf.exchange for leaf in leaves}, key=lambda e: (len(e), e))
+    loads = np.zeros(math.prod(s for _, s in axes), np.int64)
+    sizes, widths, groups_of, starts = [], [], [], [None] * len(leaves)
+    for ex in exchanges:
+        pos = positions(axes, ex)
+        n = math.prod(dict(axes)[a] for a in ex)
+        mine = [i for i, leaf in enumerate(leaves) if leaf.exchange == ex]
+        mats = [(i, m, leaves[i].layout) for i in mine for m in range(leaves[i].count)]
+        base = [int(loads[pos == p].max()) for p in range(n)]
+        owner = assign([ns_cost(lay.shape) for _, _, lay in mats], [lay.piece for _, _, lay in mats], base)
+        groups, offset = group_owned(mats, owner, n)
+        width = max([sum(g.count * g.layout.piece for g in gs) for gs in groups] + [1])
+        for i in mine:
+            starts[i] = tuple(owner[j] * width + offset[j] for j, (li, _, _) in enumerate(mats) if li == i)
+        loads += np.array([sum(ns_cost(g.shape) * g.count for g in gs) for gs in groups])[pos]
+        sizes.append(n), widths.append(width), groups_of.append((groups, pos))
+    roles, role_index, role_of = [], {}, []
+    for d in range(len(loads)):
+        role = tuple(groups[pos[d]] for groups, pos in groups_of)
         role_of.append(role_index.setdefault(role, len(roles)))
         if role_of[-1] == len(roles):
             roles.append(role)
-    width = max([sum(g.count * g.piece for g in r) for r in roles] + [1])
-    return Placement(n, width, tuple(owner), tuple(offset), tuple(roles), tuple(role_of))
+    return Placement(tuple(exchanges), tuple(sizes), tuple(widths), tuple(starts), tuple(roles), tuple(role_of))

@@ -18,12 +18,14 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from muon_jax.distributed import NsAxis, orthogonalize_sharded, resolve_ns_axes
 from muon_jax.newton_schulz import (CoeffsSpec, newton_schulz_iterate, require_matrix, resolve_coeffs,
                                     resolve_method, resolve_restarts)
 
 MatrixAxes = Union[None, Any, Callable[[Any], Any]]
+ParamSpecs = Union[None, Any, Callable[[Any], Any]]
 LR_SCALES = ("moonlight", "spectral", "none")
 NOT_A_MATRIX_FIX = "Label it 'adam' (muon(labels=...)) or reshape it into a matrix."
 
@@ -41,6 +43,36 @@ def matrix_axes_of(path, x, axes) -> tuple[int, int]:
     if rows == cols:
         raise ValueError(f"matrix_axes for the leaf at {where} name the same axis twice: {axes}.")
     return rows, cols
+
+
+def matrix_specs(param_specs: ParamSpecs, updates, params, matrix_axes) -> Optional[list]:
+    """The partition spec of every matrix leaf of ``updates`` (masked leaves skipped), its axes
+    permuted as the matrices are (matrix axes last); None without ``param_specs``."""
+    if param_specs is None:
+        return None
+    tree = param_specs(params) if callable(param_specs) else param_specs
+    is_spec = lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding))  # noqa: E731
+    specs = jax.tree.leaves(tree, is_leaf=is_spec)
+    leaves = jax.tree.leaves(updates, is_leaf=_is_masked)
+    if len(specs) != len(leaves) or not all(map(is_spec, specs)):
+        raise ValueError(f"param_specs must give one PartitionSpec (or NamedSharding, or None) per parameter "
+                         f"leaf: got {len(specs)} specs for {len(leaves)} leaves. Pass a pytree shaped like "
+                         "the parameters, e.g. jax.tree.map(lambda x: x.sharding.spec, params).")
+    out = []
+
+    def collect(x, axes):
+        spec = next(it)
+        spec = spec.spec if isinstance(spec, NamedSharding) else spec
+        if spec is not None:
+            entries = tuple(spec) + (None,) * (x.ndim - len(spec))
+            order = [i for i in range(x.ndim) if i not in axes] + list(axes)  # as jnp.moveaxis(x, axes, (-2, -1))
+            spec = PartitionSpec(*(entries[i] for i in order))
+        out.append(spec)
+        return x
+
+    it = iter(s for s, x in zip(specs, leaves) if not _is_masked(x))
+    map_matrices(collect, updates, matrix_axes)
+    return out
 
 
 def map_matrices(fn: Callable[[jax.Array, tuple[int, int]], jax.Array], updates, matrix_axes):
@@ -113,6 +145,7 @@ def orthogonalize(
     ns_mode: str = "placed",
     method: str = "standard",
     restarts: Optional[tuple[int, ...]] = None,
+    param_specs: ParamSpecs = None,
 ) -> optax.GradientTransformation:
     r"""Replaces each matrix ``M`` of the updates by ``NS(M) ≈ U Vᵀ`` (``M = U S Vᵀ``).
 
@@ -132,6 +165,10 @@ def orthogonalize(
       mesh: the ``jax.sharding.Mesh`` the updates are sharded on; None: single-device semantics.
       ns_axis: a mesh axis name or a tuple of names to spread NS over.
       ns_mode: one of :data:`muon_jax.NS_MODES`.
+      param_specs: the parameters' ``PartitionSpec`` (or ``NamedSharding``) per leaf, as a pytree
+        matching the parameters or a callable returning one from them. Optional: on ``Auto`` meshes
+        the layout of a traced array cannot be read, and with it ``"placed"`` moves each piece
+        straight to its owner instead of having XLA reshard each leaf first.
     """
     # Fail at construction on an unknown name (dtype may arrive as an array under inject_hyperparams).
     resolve_coeffs(coeffs, 1)
@@ -157,7 +194,8 @@ def orthogonalize(
 
         results = iter(orthogonalize_sharded(
             matrices(updates), ns, mesh=mesh, ns_axes=ns_axes, ns_mode=ns_mode,
-            anchors=None if params is None else matrices(params)))
+            anchors=None if params is None else matrices(params),
+            specs=matrix_specs(param_specs, updates, params, matrix_axes)))
         return map_matrices(
             lambda x, axes: jnp.moveaxis(next(results), (-2, -1), axes), updates, matrix_axes)
 

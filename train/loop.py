@@ -139,7 +139,7 @@ def initial_state(cfg: Config, model_cfg, mesh, inputs: RunInputs):
         model = inputs.init_model(model_cfg, mesh)
     graphdef, params, variables = nnx.split(model, nnx.Param, ...)
     schedule = make_schedule(cfg)
-    tx = make_optimizer(cfg, schedule, mesh)
+    tx = make_optimizer(cfg, schedule, mesh, jax.tree.map(lambda x: getattr(x.sharding, "spec", None), params))
     # eager init: each buffer is created with its parameter's sharding (jax.jit(tx.init) may replicate them)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "variables": variables, "opt_state": tx.init(params)}
     # scalars such as Adam's step count come out on the default device: replicate them over the mesh

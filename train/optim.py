@@ -7,7 +7,6 @@ import optax
 
 import muon_jax
 from train.config import Config
-from train.runtime import batch_axes
 
 
 def make_schedule(cfg: Config) -> optax.Schedule:
@@ -25,8 +24,9 @@ def make_schedule(cfg: Config) -> optax.Schedule:
                                 [warmup, steps - decay])
 
 
-def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh) -> optax.GradientTransformation:
-    """The configured optimizer, after global-norm clipping when `optimizer.grad_clip` > 0."""
+def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh, param_specs=None) -> optax.GradientTransformation:
+    """The configured optimizer, after global-norm clipping when `optimizer.grad_clip` > 0. `param_specs`: the
+    parameters' PartitionSpecs (a pytree like them), which let distributed Muon skip XLA's reshards."""
     o = cfg.optimizer
     if o.name == "adamw":
         # decay on every leaf, as muon_jax.muon does for its Adam branch, so the two compare like for like
@@ -35,13 +35,14 @@ def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh) -> optax.Grad
         tx = muon_jax.muon(schedule, momentum=o.momentum, nesterov=o.nesterov, ns_coeffs=o.ns_coeffs,
                            ns_steps=o.ns_steps, ns_dtype=jnp.dtype(o.ns_dtype), lr_scale=o.lr_scale,
                            ns_method=o.ns_method, weight_decay=o.weight_decay, adam_b1=o.b1, adam_b2=o.b2,
-                           adam_eps=o.eps, **distributed_muon_args(cfg, mesh))
+                           adam_eps=o.eps, **distributed_muon_args(cfg, mesh, param_specs))
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx
 
 
-def distributed_muon_args(cfg: Config, mesh: jax.sharding.Mesh) -> dict:
-    """Spread Newton–Schulz over the batch (data/fsdp) axes when there is more than one device on them."""
-    axes = batch_axes(mesh)
+def distributed_muon_args(cfg: Config, mesh: jax.sharding.Mesh, param_specs=None) -> dict:
+    """Spread Newton–Schulz over every mesh axis of more than one device (data, fsdp, expert, tensor): each
+    matrix is orthogonalised whole by one device, wherever its pieces lie."""
+    axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
     if not axes:
         return {}
-    return {"mesh": mesh, "ns_axis": axes, "ns_mode": cfg.optimizer.ns_mode}
+    return {"mesh": mesh, "ns_axis": axes, "ns_mode": cfg.optimizer.ns_mode, "param_specs": param_specs}
