@@ -169,27 +169,28 @@ def measure(config: str, names, overrides=()) -> dict:
 
 
 PARAGRAPH = (
-    "How `placed` works (docs/distributed.md): at trace time a pure-Python plan assigns every matrix "
-    "(each layer of a stack, each expert) to one device of `ns_axis`, largest NS cost first, each to the "
-    "least-loaded device, as Megatron's `layer_sharded` mode does; `[d, f]` and `[f, d]` count as one "
-    "shape. Each leaf is flattened to `[matrices, a·b]` sharded over `ns_axis` (local for FSDP-sharded "
-    "stacks, their hidden axis put first), and inside one `shard_map` every device scatters its piece of "
-    "every matrix into the owner's row of a `[n, width]` buffer: one all-to-all delivers whole matrices, "
-    "a `lax.switch` on the device's role (devices owning the same shapes share one) runs Newton–Schulz "
-    "once per shape, one all-to-all brings the results back. `bytes/shard bound` is what any placement "
-    "that keeps matrices whole must move at least (the largest matrix in and out); past it, for FSDP over "
-    "256+ devices, the 3-shard target is out of reach for every whole-matrix design. Extra collectives "
-    "beyond the two all-to-alls are XLA reshards of leaves whose layout the plan cannot see (a "
-    "column-sharded square `o_proj`; in Moonlight, leaves replicated over `expert` or sharded on it). "
-    "Compile times are from a 2-core CPU shared with other jobs (load ≈ 20): the 1024-device llama_8b "
-    "step compiled in 511 s on a quieter moment. Cases missing from the tables did not fit the time box.")
+    "How `placed` works (docs/distributed.md): the optimizer is told each parameter's partition spec (the "
+    "trainer passes them). At trace time a pure-Python plan reads, for every Muon leaf, which mesh axes cut "
+    "its matrices into blocks, which shard its batch axis (experts over `expert`) and which merely replicate "
+    "it, and assigns every matrix (each layer of a stack, each expert) to one device, largest NS cost first, "
+    "to the device (or, for expert stacks, the position repeated in every expert group) whose busiest member "
+    "is least loaded — Megatron's `layer_sharded` bin packing, with `[d, f]` and `[f, d]` as one shape. "
+    "Inside one `shard_map` every device writes its block of each matrix (a `1/r` slice of it when `r` "
+    "devices hold the same block) into the owner's row of one send buffer per exchange; one all-to-all "
+    "delivers whole matrices, a `lax.switch` on the device's role runs Newton–Schulz once per shape, one "
+    "all-to-all brings the results back, and one all-gather per set of replicating axes (`data` for HSDP, "
+    "`expert` for Moonlight's dense layers) rebuilds replicated blocks. No leaf is resharded by XLA. "
+    "`bytes/shard bound` is what any design that keeps matrices whole must move (the largest matrix in and "
+    "out): for FSDP-only meshes of 256+ devices it exceeds 3 shards, which is why pods run HSDP "
+    "(`mesh.fsdp` fixed, `mesh.data` over the rest; rows marked `mesh.data=…`), fsdp chosen as the largest "
+    "power of two that keeps a parameter shard at least twice the largest matrix.")
 
 
 def fmt_row(res: dict, name: str) -> str:
     """One markdown table row."""
     row = res["rows"].get(name)
     if row is None:
-        return f"| {res['devices']} | {res['config']} | {name} | — | — | not compiled (time-boxed: shared 2-core CPU) | — |"
+        return f"| {res['devices']} | {res['config']} | {name} | — | — | not measured | — |"
     counts = ", ".join(f"{n}× {k}" for k, n in sorted(row["collectives"].items())) or "none"
     return (f"| {res['devices']} | {res['config']} | {name} | {row['flops_ratio']:.3f} | "
             f"{row['bytes_ratio']:.2f} | {counts} | {row['temp_mb']:,.0f} |")
@@ -201,7 +202,8 @@ def markdown(results: list[dict]) -> str:
     lines = [
         "One optimizer step (update + apply, new params and state donated and constrained to their "
         "shardings) compiled for the abstract parameters the trainer builds from each config, with "
-        "that config's mesh (`data: 1, fsdp: -1`, and `expert: 8` for Moonlight) and logical-axis "
+        "that config's mesh (`data: 1, fsdp: -1`, and `expert: 8` for Moonlight; from 256 devices on the "
+        "llama configs also on the HSDP mesh a pod would use, rows marked `mesh.fsdp=…`) and logical-axis "
         "rules; Newton–Schulz spread over every mesh axis of size > 1; float32 parameters. Per device, "
         "from the compiled executable on simulated CPU devices (jax " + jax.__version__ + "). FLOPs ÷ "
         "limit, limit = max(all NS FLOPs / devices, NS FLOPs of the largest matrix); bytes ÷ the "
@@ -213,18 +215,33 @@ def markdown(results: list[dict]) -> str:
     names = [*MODES, OPTAX]
     lines += [fmt_row(res, name) for res in results for name in names]
     lines += ["", "Memory of `ns_mode=\"placed\"` per device (MiB): local parameter shard, the matrices "
-              "the busiest device orthogonalises, one all-to-all buffer, peak temporary memory; "
-              "the largest single matrix; compile time of the placed step.", "",
-              "| devices | config | shard | owned | buffer | temp | largest matrix | bytes/shard bound | "
-              "device roles | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "the busiest device orthogonalises, its all-to-all buffers (all exchanges), peak temporary "
+              "memory and its ratio to the budget shard + owned + buffer; the largest single matrix; "
+              "compile time of the placed step.", "",
+              "| devices | config | shard | owned | buffer | temp | temp / budget | largest matrix | "
+              "bytes/shard bound | device roles | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         row, n = res["rows"].get("placed", {}), res["devices"]
         # Whoever owns the largest matrix receives it whole and sends it back.
         bound = 2 * res["largest_mb"] * (n - 1) / n / res["shard_mb"]
+        budget = res["shard_mb"] + res["owned_mb"] + res["buffer_mb"]
         lines.append(f"| {n} | {res['config']} | {res['shard_mb']:,.0f} | {res['owned_mb']:,.0f} | "
-                     f"{res['buffer_mb']:,.0f} | {row.get('temp_mb', 0):,.0f} | {res['largest_mb']:,.0f} | "
-                     f"≥ {bound:.2f} | {res['roles']} | {row.get('compile_s', 0):.0f} |")
+                     f"{res['buffer_mb']:,.0f} | {row.get('temp_mb', 0):,.0f} | {row.get('temp_mb', 0) / budget:.2f} | "
+                     f"{res['largest_mb']:,.0f} | ≥ {bound:.2f} | {res['roles']} | {row.get('compile_s', 0):.0f} |")
     return "\n".join(lines + ["", PARAGRAPH])
+
+
+def cases(args) -> list[tuple[int, str, list[str]]]:
+    """(devices, config, overrides) of every measurement: each config on its own mesh, and the ``--pods``
+    configs from 256 devices on also on their HSDP mesh."""
+    pods = dict(item.split(":") for item in args.pods.split(",") if item)
+    out = []
+    for n in (int(v) for v in args.scaling.split(",")):
+        for config in args.configs.split(","):
+            out.append((n, config, list(args.set)))
+            if n >= 256 and config in pods:
+                out.append((n, config, [*args.set, f"mesh.fsdp={pods[config]}", f"mesh.data={n // int(pods[config])}"]))
+    return out
 
 
 def main():
@@ -234,10 +251,12 @@ def main():
     ap.add_argument("--configs", default="configs/llama_1b.yaml,configs/moonlight_16b_a3b.yaml,configs/llama_8b.yaml")
     ap.add_argument("--scaling", default="8,64,256,1024", help="device counts for the table (subprocesses)")
     ap.add_argument("--optimizers", default=",".join([*MODES, OPTAX]))
-    ap.add_argument("--placed-only-from", type=int, default=1024,
+    ap.add_argument("--placed-only-from", type=int, default=4096,
                     help="from this many devices on, compile only ns_mode='placed' (the baselines are slow)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. --set mesh.data=16 mesh.fsdp=-1 (a data x fsdp pod mesh)")
+    ap.add_argument("--pods", default="configs/llama_1b.yaml:32,configs/llama_8b.yaml:64",
+                    help="CONFIG:FSDP,...: from 256 devices on, also measure CONFIG on a data x fsdp (HSDP) mesh")
     ap.add_argument("--json", action="store_true", help="with --devices: print the figures as JSON last")
     ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     ap.add_argument("--save", help="also save the figures as JSON here")
@@ -253,16 +272,15 @@ def main():
             print(json.dumps(result))
         return
     results = json.load(open(args.load)) if args.load else []
-    for n in ([] if args.load else (int(v) for v in args.scaling.split(","))):
-        for config in args.configs.split(","):
-            names = "placed" if n >= args.placed_only_from else args.optimizers
-            out = subprocess.run([sys.executable, "-m", "bench.distributed", "--devices", str(n), "--config",
-                                  config, "--optimizers", names, "--json", "--set", *args.set],
-                                 check=True, capture_output=True, text=True).stdout
-            print("\n".join(out.splitlines()[:-1]), flush=True)
-            results.append(json.loads(out.splitlines()[-1]))
-            if args.save:
-                json.dump(results, open(args.save, "w"))
+    for n, config, overrides in ([] if args.load else cases(args)):
+        names = "placed" if n >= args.placed_only_from else args.optimizers
+        out = subprocess.run([sys.executable, "-m", "bench.distributed", "--devices", str(n), "--config",
+                              config, "--optimizers", names, "--json", "--set", *overrides],
+                             check=True, capture_output=True, text=True).stdout
+        print("\n".join(out.splitlines()[:-1]), flush=True)
+        results.append(json.loads(out.splitlines()[-1]))
+        if args.save:
+            json.dump(results, open(args.save, "w"))
     table = markdown(results)
     print("\n" + table)
     if args.write:

@@ -12,11 +12,15 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from muon_jax.placement import Group, Layout, Leaf, MeshAxes, Placement, plan
+
+try:  # removed in jax 0.11; there the results are tied to their parameters by spec (param_specs) only
+    from jax.experimental.shard_alike import shard_alike
+except ImportError:
+    shard_alike = None
 
 NS_MODES = ("placed", "balanced", "gather")
 NsAxis = Union[None, str, Sequence[str]]
@@ -50,6 +54,16 @@ def resolve_ns_axes(mesh: Optional[Mesh], ns_axis: NsAxis, ns_mode: str) -> tupl
 def _auto_axes_mesh(mesh: Mesh) -> Mesh:
     """The mesh with every axis ``Auto``: constraints with unconstrained dimensions need them."""
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def tie(x: jax.Array, anchor: Optional[jax.Array], spec: Optional[P], mesh: Mesh) -> jax.Array:
+    """``x`` laid out as its parameter: by its spec where known, else like ``anchor`` (``shard_alike``,
+    where this jax has it), else as XLA's propagation decides."""
+    if spec is not None:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    if anchor is None or shard_alike is None:
+        return x
+    return shard_alike(anchor, x)[1]
 
 
 def gathered(mats: list[jax.Array], ns: Callable, mesh: Mesh) -> list[jax.Array]:
@@ -318,7 +332,7 @@ def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, 
         if lp.flat:
             o = o[:, :lp.leaf.layout.block].reshape(m.shape[:-2] + lp.leaf.layout.shape)
             o = jnp.swapaxes(o, -1, -2) if lp.transpose else o
-            o = o if anchors is None else shard_alike(anchors[i], o)[1]
+            o = tie(o, None if anchors is None else anchors[i], None, mesh)
         results.append(o.astype(m.dtype))
     return results
 
@@ -347,7 +361,7 @@ def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns
     if ns_mode == "placed":
         return placed(mats, ns, auto, ns_axes, specs, anchors)
     out = run_padded_or_gathered(mats, ns, auto, ns_axes, ns_mode)
-    return out if anchors is None else [shard_alike(a, o)[1] for a, o in zip(anchors, out)]
+    return [tie(o, None if anchors is None else anchors[i], specs[i], auto) for i, o in enumerate(out)]
 
 
 def run_padded_or_gathered(mats, ns, mesh, ns_axes, ns_mode):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import heapq
 import math
 
 import numpy as np
@@ -104,17 +103,21 @@ def positions(axes: MeshAxes, exchange: tuple[str, ...]) -> np.ndarray:
     return np.ravel_multi_index(coords[keep], [sizes[i] for i in keep]) if keep else np.zeros(coords.shape[1], int)
 
 
-def assign(costs: list[int], sizes: list[int], base: list[int]) -> list[int]:
-    """Greedy largest-first bin packing (as Megatron's ``layer_sharded`` mode) onto ``len(base)`` bins
-    that start with loads ``base``: each matrix to the least-loaded bin, ties to the one holding the
-    fewest bytes, then the lowest index."""
-    heap = [(b, 0, d) for d, b in enumerate(base)]
-    heapq.heapify(heap)
-    owner = [0] * len(costs)
-    for m in sorted(range(len(costs)), key=lambda m: (-costs[m], -sizes[m], m)):
-        load, size, d = heapq.heappop(heap)
-        owner[m] = d
-        heapq.heappush(heap, (load + costs[m], size + sizes[m], d))
+def assign(items: list[tuple[int, int, np.ndarray]], n: int) -> list[int]:
+    """Greedy largest-first bin packing (as Megatron's ``layer_sharded`` mode) of ``(cost, bytes, members)``
+    items onto ``n`` devices, where ``members[p]`` lists the devices that position ``p`` of the item's
+    exchange stands for (a batch-sharded stack's matrix lands on one device of every group): each item goes
+    to the position whose busiest device is least loaded, ties to the fewest bytes, then the lowest index.
+    Returns each item's position."""
+    loads, sizes = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    owner = [0] * len(items)
+    for m in sorted(range(len(items)), key=lambda m: (-items[m][0], -items[m][1], m)):
+        cost, size, members = items[m]
+        load, held = loads[members].max(axis=1), sizes[members].max(axis=1)
+        p = int(np.lexsort((np.arange(len(members)), held, load))[0])
+        owner[m] = p
+        loads[members[p]] += cost
+        sizes[members[p]] += size
     return owner
 
 
@@ -144,29 +147,27 @@ def group_owned(mats: list[tuple[int, int, Layout]], owner: list[int], n: int):
 def plan(leaves: tuple[Leaf, ...], axes: MeshAxes) -> Placement:
     """The placement of every matrix of ``leaves`` on the devices of ``axes``.
 
-    Exchanges whose leaves are sharded along batch axes (experts over ``expert``) repeat the same
-    placement in every group, so they are placed first, on their group positions; the exchange over all
-    of ``axes`` fills in around them. The load of a position is the highest load of its devices.
+    Leaves exchanged over fewer than all of ``axes`` (stacks sharded along a batch axis, such as experts
+    over ``expert``) repeat one placement in every group of devices; all matrices are placed together,
+    largest first, so that the big ones find devices that the many small ones have not filled yet.
     """
     exchanges = sorted({leaf.exchange for leaf in leaves}, key=lambda e: (len(e), e))
-    loads = np.zeros(math.prod(s for _, s in axes), np.int64)
+    n = math.prod(s for _, s in axes)
+    pos = {ex: positions(axes, ex) for ex in exchanges}
+    members = {ex: np.argsort(pos[ex], kind="stable").reshape(pos[ex].max() + 1, -1) for ex in exchanges}
+    mats = [(i, m, leaf.layout) for i, leaf in enumerate(leaves) for m in range(leaf.count)]
+    owner = assign([(ns_cost(lay.shape), lay.piece, members[leaves[i].exchange]) for i, _, lay in mats], n)
     sizes, widths, groups_of, starts = [], [], [], [None] * len(leaves)
     for ex in exchanges:
-        pos = positions(axes, ex)
-        n = math.prod(dict(axes)[a] for a in ex)
-        mine = [i for i, leaf in enumerate(leaves) if leaf.exchange == ex]
-        mats = [(i, m, leaves[i].layout) for i in mine for m in range(leaves[i].count)]
-        base = [int(loads[pos == p].max()) for p in range(n)]
-        owner = assign([ns_cost(lay.shape) for _, _, lay in mats], [lay.piece for _, _, lay in mats], base)
-        groups, offset = group_owned(mats, owner, n)
+        mine = [j for j, (i, _, _) in enumerate(mats) if leaves[i].exchange == ex]
+        groups, offset = group_owned([mats[j] for j in mine], [owner[j] for j in mine], len(members[ex]))
         width = max([sum(g.count * g.layout.piece for g in gs) for gs in groups] + [1])
-        for i in mine:
-            starts[i] = tuple(owner[j] * width + offset[j] for j, (li, _, _) in enumerate(mats) if li == i)
-        loads += np.array([sum(ns_cost(g.shape) * g.count for g in gs) for gs in groups])[pos]
-        sizes.append(n), widths.append(width), groups_of.append((groups, pos))
+        for i in {mats[j][0] for j in mine}:
+            starts[i] = tuple(owner[j] * width + offset[k] for k, j in enumerate(mine) if mats[j][0] == i)
+        sizes.append(len(members[ex])), widths.append(width), groups_of.append((groups, pos[ex]))
     roles, role_index, role_of = [], {}, []
-    for d in range(len(loads)):
-        role = tuple(groups[pos[d]] for groups, pos in groups_of)
+    for d in range(n):
+        role = tuple(groups[p[d]] for groups, p in groups_of)
         role_of.append(role_index.setdefault(role, len(roles)))
         if role_of[-1] == len(roles):
             roles.append(role)
