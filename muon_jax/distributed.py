@@ -282,23 +282,32 @@ def from_pieces(pieces: list[jax.Array], plans: list[LeafPlan]) -> list[jax.Arra
 def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: list[LeafPlan],
              ns_axes: tuple[str, ...]) -> list[jax.Array]:
     """Inside ``shard_map``: every device sends its pieces to their owners (one all-to-all per exchange),
-    each owner runs its role, the results come back the same way and replicas gather theirs."""
+    each owner runs its role, the results come back the same way and replicas gather theirs. Leaves
+    whose devices already hold whole matrices (an empty exchange) are orthogonalised where they lie."""
     pieces = [to_piece(x, lp) for x, lp in zip(local, plans)]
-    members = [[i for i, lp in enumerate(plans) if lp.leaf.exchange == ex] for ex in placement.exchanges]
+    out: list = [None] * len(plans)
+    moving = []
+    for k, ex in enumerate(placement.exchanges):
+        idx = [i for i, lp in enumerate(plans) if lp.leaf.exchange == ex]
+        if ex:
+            moving.append((k, ex, idx))
+        for i in idx if not ex else ():
+            out[i] = ns(pieces[i].reshape(-1, *plans[i].leaf.layout.shape)).reshape(pieces[i].shape)
     recvs = []
-    for ex, idx, n, width in zip(placement.exchanges, members, placement.sizes, placement.widths):
+    for k, ex, idx in moving:
+        n, width = placement.sizes[k], placement.widths[k]
         starts = [np.asarray(placement.starts[i]) for i in idx]
         send = pack([pieces[i] for i in idx], starts, n * width, pieces[0].dtype).reshape(n, width)
-        recvs.append(jax.lax.all_to_all(send, ex, 0, 0, tiled=True) if ex else send)
-    branches = [lambda r, role=role: run_role(r, role, ns) for role in placement.roles]
-    if len(branches) == 1:
-        done = branches[0](recvs)
+        recvs.append(jax.lax.all_to_all(send, ex, 0, 0, tiled=True))
+    roles = [tuple(role[k] for k, _, _ in moving) for role in placement.roles]
+    branches = [lambda r, role=role: run_role(r, role, ns) for role in roles]
+    if len(set(roles)) == 1:
+        done = branches[0](recvs) if moving else ()
     else:
         me = jax.lax.axis_index(ns_axes)
         done = jax.lax.switch(jnp.asarray(placement.role_of, jnp.int32)[me], branches, recvs)
-    out: list = [None] * len(plans)
-    for ex, idx, result in zip(placement.exchanges, members, done):
-        back = (jax.lax.all_to_all(result, ex, 0, 0, tiled=True) if ex else result).reshape(-1)
+    for (k, ex, idx), result in zip(moving, done):
+        back = jax.lax.all_to_all(result, ex, 0, 0, tiled=True).reshape(-1)
         starts = [np.asarray(placement.starts[i]) for i in idx]
         for i, x in zip(idx, unpack(back, starts, [pieces[i].shape[1] for i in idx])):
             out[i] = x

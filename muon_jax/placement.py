@@ -90,8 +90,9 @@ class Placement:
         return max(sum(g.count * math.prod(g.shape) for gs in role for g in gs) for role in self.roles)
 
     def buffer_elements(self) -> int:
-        """Elements of one device's all-to-all buffers, all exchanges together."""
-        return sum(n * w for n, w in zip(self.sizes, self.widths))
+        """Elements of one device's all-to-all buffers, all exchanges together (an empty exchange, whose
+        matrices are orthogonalised where they lie, has none)."""
+        return sum(n * w for ex, n, w in zip(self.exchanges, self.sizes, self.widths) if ex)
 
 
 def positions(axes: MeshAxes, exchange: tuple[str, ...]) -> np.ndarray:
