@@ -158,8 +158,9 @@ def test_distributed_gram_matches_single_device(mode):
               "square": ((16, 16), P(None, "fsdp"))}
     params = {k: jax.random.normal(jax.random.key(i), s) for i, (k, (s, _)) in enumerate(shapes.items())}
     ref = muon_update(params, "auto")
+    # told the specs, as the trainer does: every mode then returns each update in its parameter's layout
     tx = muon_jax.muon(0.1, ns_dtype=jnp.dtype("float32"), ns_method="auto", mesh=mesh, ns_axis="fsdp",
-                       ns_mode=mode)
+                       ns_mode=mode, param_specs={k: spec for k, (_, spec) in shapes.items()})
     sharded = jax.device_put(params, {k: NamedSharding(mesh, spec) for k, (_, spec) in shapes.items()})
     out = jax.jit(tx.update)(sharded, jax.jit(tx.init)(sharded), sharded)[0]
     for k in params:
