@@ -233,9 +233,9 @@ def orthogonalize_groups(blocks: dict, ns: Callable) -> dict:
     return out
 
 
-def run_role(recvs: list[jax.Array], role: tuple[tuple[Group, ...], ...], ns: Callable) -> tuple:
+def run_role(recvs: list[jax.Array], role: tuple[tuple[Group, ...], ...], ns: Callable, result_dtype) -> tuple:
     """One device role: its owned matrices reassembled from every exchange's ``[n, width]`` receive
-    buffer, orthogonalised per shape, and written back in place."""
+    buffer, orthogonalised per shape, and written back in place as ``result_dtype``."""
     blocks = {}
     for k, (recv, groups) in enumerate(zip(recvs, role)):
         for g in groups:
@@ -246,8 +246,8 @@ def run_role(recvs: list[jax.Array], role: tuple[tuple[Group, ...], ...], ns: Ca
     outs = []
     for k, (recv, groups) in enumerate(zip(recvs, role)):
         n, width = recv.shape
-        rows = [disassemble(done[k, g], g.layout).reshape(n, -1) for g in groups]
-        rows.append(jnp.zeros((n, width - sum(g.count * g.layout.piece for g in groups)), recv.dtype))
+        rows = [disassemble(done[k, g].astype(result_dtype), g.layout).reshape(n, -1) for g in groups]
+        rows.append(jnp.zeros((n, width - sum(g.count * g.layout.piece for g in groups)), result_dtype))
         outs.append(jnp.concatenate(rows, axis=1))
     return tuple(outs)
 
@@ -270,7 +270,8 @@ def from_pieces(pieces: list[jax.Array], plans: list[LeafPlan]) -> list[jax.Arra
         if not lp.flat and lp.leaf.layout.reps > 1:
             by_axes.setdefault(lp.reps_axes, []).append(i)
     for axes, members in by_axes.items():
-        full = jax.lax.all_gather(jnp.concatenate([pieces[i].reshape(-1) for i in members]), axes)
+        flat = jnp.concatenate([pieces[i].reshape(-1) for i in members])
+        full = unsigned(jax.lax.all_gather(unsigned(flat), axes), flat.dtype)
         splits = np.cumsum([pieces[i].size for i in members])[:-1]
         for i, part in zip(members, jnp.split(full, splits, axis=1)):
             lay, count = plans[i].leaf.layout, plans[i].leaf.count
@@ -279,11 +280,20 @@ def from_pieces(pieces: list[jax.Array], plans: list[LeafPlan]) -> list[jax.Arra
     return out
 
 
+def unsigned(x: jax.Array, dtype=None) -> jax.Array:
+    """``x``'s bits as unsigned integers of its width (or, with ``dtype``, back): a collective on them
+    cannot be widened by XLA hoisting a later float conversion above it."""
+    if dtype is None:
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return jax.lax.bitcast_convert_type(x, dtype)
+
+
 def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: list[LeafPlan],
-             ns_axes: tuple[str, ...]) -> list[jax.Array]:
+             ns_axes: tuple[str, ...], result_dtype) -> list[jax.Array]:
     """Inside ``shard_map``: every device sends its pieces to their owners (one all-to-all per exchange),
-    each owner runs its role, the results come back the same way and replicas gather theirs. Leaves
-    whose devices already hold whole matrices (an empty exchange) are orthogonalised where they lie."""
+    each owner runs its role, the results come back the same way (as ``result_dtype``) and replicas
+    gather theirs. Leaves whose devices already hold whole matrices (an empty exchange) are
+    orthogonalised where they lie."""
     pieces = [to_piece(x, lp) for x, lp in zip(local, plans)]
     out: list = [None] * len(plans)
     moving = []
@@ -292,7 +302,8 @@ def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: 
         if ex:
             moving.append((k, ex, idx))
         for i in idx if not ex else ():
-            out[i] = ns(pieces[i].reshape(-1, *plans[i].leaf.layout.shape)).reshape(pieces[i].shape)
+            done = ns(pieces[i].reshape(-1, *plans[i].leaf.layout.shape)).astype(result_dtype)
+            out[i] = done.reshape(pieces[i].shape)
     recvs = []
     for k, ex, idx in moving:
         n, width = placement.sizes[k], placement.widths[k]
@@ -300,14 +311,14 @@ def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: 
         send = pack([pieces[i] for i in idx], starts, n * width, pieces[0].dtype).reshape(n, width)
         recvs.append(jax.lax.all_to_all(send, ex, 0, 0, tiled=True))
     roles = [tuple(role[k] for k, _, _ in moving) for role in placement.roles]
-    branches = [lambda r, role=role: run_role(r, role, ns) for role in roles]
+    branches = [lambda r, role=role: run_role(r, role, ns, result_dtype) for role in roles]
     if len(set(roles)) == 1:
         done = branches[0](recvs) if moving else ()
     else:
         me = jax.lax.axis_index(ns_axes)
         done = jax.lax.switch(jnp.asarray(placement.role_of, jnp.int32)[me], branches, recvs)
     for (k, ex, idx), result in zip(moving, done):
-        back = jax.lax.all_to_all(result, ex, 0, 0, tiled=True).reshape(-1)
+        back = unsigned(jax.lax.all_to_all(unsigned(result), ex, 0, 0, tiled=True), result.dtype).reshape(-1)
         starts = [np.asarray(placement.starts[i]) for i in idx]
         for i, x in zip(idx, unpack(back, starts, [pieces[i].shape[1] for i in idx])):
             out[i] = x
@@ -315,12 +326,14 @@ def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: 
 
 
 def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, ...],
-           specs: Sequence[Optional[P]], anchors: Optional[list[jax.Array]] = None) -> list[jax.Array]:
+           specs: Sequence[Optional[P]], anchors: Optional[list[jax.Array]] = None,
+           ns_dtype=None) -> list[jax.Array]:
     """Cost-balanced mode: every matrix whole on the one device of ``ns_axes`` that :func:`plan` gives
     it, one all-to-all out and one back per exchange (docs/distributed.md). ``specs``: each leaf's
     partition spec (matrix axes last) where known; a leaf without one is resharded by XLA first, and
     tied back to its ``anchor`` (a leaf with one comes out in its own layout, and an anchor there only
-    makes XLA move things about)."""
+    makes XLA move things about). Results travel back in ``ns_dtype`` when it is narrower than the
+    updates' (NS computes in it, so nothing is lost: half the bytes and buffers of the way back)."""
     if not mats:
         return []
     plans, placement = plan_leaves([m.shape for m in mats], specs, mesh, ns_axes)
@@ -334,7 +347,9 @@ def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, 
             x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, lp.spec))
         inputs.append(x)
     specs_in = [lp.spec for lp in plans]
-    outs = jax.shard_map(lambda xs: exchange(xs, ns, placement, plans, ns_axes), mesh=mesh,
+    narrow = ns_dtype is not None and jnp.dtype(ns_dtype).itemsize < jnp.dtype(dtype).itemsize
+    result_dtype = jnp.dtype(ns_dtype) if narrow else dtype
+    outs = jax.shard_map(lambda xs: exchange(xs, ns, placement, plans, ns_axes, result_dtype), mesh=mesh,
                          in_specs=(specs_in,), out_specs=specs_in, check_vma=False)(inputs)
     results = []
     for i, (o, m, lp) in enumerate(zip(outs, mats, plans)):
@@ -348,13 +363,14 @@ def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, 
 
 def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns_axes: tuple[str, ...],
                           ns_mode: str, anchors: Optional[list[jax.Array]] = None,
-                          specs: Optional[Sequence[Optional[P]]] = None) -> list[jax.Array]:
+                          specs: Optional[Sequence[Optional[P]]] = None, ns_dtype=None) -> list[jax.Array]:
     """Applies ``ns`` (NS over the last two axes) to every array of ``mats`` (matrix axes last, any
     leading batch axes), distributed over ``ns_axes`` of ``mesh`` as ``ns_mode`` says.
 
     ``anchors``: arrays of the same shapes whose layout the results must take, normally the
     parameters (jit inputs, so their layout is fixed); see docs/distributed.md. ``specs``: the
     partition spec of each of ``mats`` where known (read from the types on ``Explicit`` meshes).
+    ``ns_dtype``: the dtype ``ns`` computes in, if known (results then travel back in it).
     """
     auto = _auto_axes_mesh(mesh)
     explicit = any(t != AxisType.Auto for t in mesh.axis_types)
@@ -364,11 +380,11 @@ def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns
 
     if explicit:
         # Explicit axes: the shardings are in the types; compute in Auto axes and come back to them.
-        return jax.sharding.auto_axes(lambda ms: placed(ms, ns, auto, ns_axes, specs) if ns_mode == "placed"
+        return jax.sharding.auto_axes(lambda ms: placed(ms, ns, auto, ns_axes, specs, None, ns_dtype) if ns_mode == "placed"
                                       else run_padded_or_gathered(ms, ns, auto, ns_axes, ns_mode),
                                       out_sharding=[jax.typeof(m).sharding for m in mats])(mats)
     if ns_mode == "placed":
-        return placed(mats, ns, auto, ns_axes, specs, anchors)
+        return placed(mats, ns, auto, ns_axes, specs, anchors, ns_dtype)
     out = run_padded_or_gathered(mats, ns, auto, ns_axes, ns_mode)
     return [tie(o, None if anchors is None else anchors[i], specs[i], auto) for i, o in enumerate(out)]
 

@@ -75,6 +75,14 @@ def matrix_specs(param_specs: ParamSpecs, updates, params, matrix_axes) -> Optio
     return out
 
 
+def static_dtype(dtype) -> Optional[jnp.dtype]:
+    """``dtype`` as a numpy dtype, or None when it is not static (an array under ``inject_hyperparams``)."""
+    try:
+        return None if isinstance(dtype, jax.Array) else jnp.dtype(dtype)
+    except TypeError:
+        return None
+
+
 def map_matrices(fn: Callable[[jax.Array, tuple[int, int]], jax.Array], updates, matrix_axes):
     """Applies ``fn(leaf, (row_axis, col_axis))`` to every array leaf; masked leaves pass through."""
     spec = matrix_axes(updates) if callable(matrix_axes) else matrix_axes
@@ -195,7 +203,7 @@ def orthogonalize(
         results = iter(orthogonalize_sharded(
             matrices(updates), ns, mesh=mesh, ns_axes=ns_axes, ns_mode=ns_mode,
             anchors=None if params is None else matrices(params),
-            specs=matrix_specs(param_specs, updates, params, matrix_axes)))
+            specs=matrix_specs(param_specs, updates, params, matrix_axes), ns_dtype=static_dtype(dtype)))
         return map_matrices(
             lambda x, axes: jnp.moveaxis(next(results), (-2, -1), axes), updates, matrix_axes)
 

@@ -168,6 +168,26 @@ def test_fsdp_step_is_two_all_to_alls():
     assert moved == 2 * shard, moved / shard
 
 
+def test_bf16_results_travel_back_in_bf16():
+    """With bf16 Newton–Schulz (the default) on float32 updates, the results come back in 16 bits (NS
+    computes in bf16, so nothing is lost) and equal single-device Muon to bf16 precision."""
+    mesh = auto_mesh((2, 4), ("data", "fsdp"))
+    specs = {"stack": P(None, "fsdp", None), "wo": P(None, "fsdp")}
+    params = {"stack": jax.random.normal(jax.random.key(0), (3, 32, 48)),
+              "wo": jax.random.normal(jax.random.key(1), (16, 32))}
+    shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
+    ref = muon_jax.muon(0.02).update(params, muon_jax.muon(0.02).init(params), params)[0]
+    tx = muon_jax.muon(0.02, mesh=mesh, ns_axis=("data", "fsdp"), param_specs=specs)
+    sharded = jax.device_put(params, shardings)
+    step = jax.jit(lambda p, s: tx.update(p, s, p)[0], out_shardings=shardings)
+    compiled = step.lower(sharded, tx.init(sharded)).compile()
+    for k, u in compiled(sharded, tx.init(sharded)).items():
+        assert rel_err(u, ref[k]) <= 1e-2, (k, rel_err(u, ref[k]))
+    kinds = [line for line in compiled.as_text().splitlines() if COLLECTIVE.match(line)]
+    assert any(" u16[" in line and "all-to-all(" in line for line in kinds), kinds
+    assert any(" u16[" in line and "all-gather(" in line for line in kinds), kinds  # the data replicas
+
+
 def test_inject_hyperparams_and_explicit_mesh():
     params = {"w": jax.random.normal(jax.random.key(1), (4, 16, 24)), "b": jnp.zeros(24)}
     ref_tx = muon_jax.muon(0.1, ns_dtype=jnp.float32)
