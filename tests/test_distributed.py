@@ -163,7 +163,7 @@ def test_fsdp_step_is_two_all_to_alls():
     lines = [line for line in hlo.splitlines() if COLLECTIVE.match(line)]
     assert lines and all(" all-to-all(" in line for line in lines), lines
     moved = sum(np.prod([int(d) for d in dims.split(",")]) * 4
-                for line in lines for dims in re.findall(r"f32\[([\d,]+)\]", line.split(" all-to-all(")[0]))
+                for line in lines for dims in re.findall(r"[fu]32\[([\d,]+)\]", line.split(" all-to-all(")[0]))
     shard = sum(np.prod(s) * 4 for s in shapes.values()) / 8
     assert moved == 2 * shard, moved / shard
 
