@@ -113,10 +113,9 @@ def compile_step(tx, params):
     return jax.jit(step, out_shardings=out, donate_argnums=(0, 1)).lower(params, state, params).compile()
 
 
-def candidates(names, params, mesh, ns_axis):
-    """The optimizers to compare, by name (muon_jax's told the parameters' partition specs, as the
+def candidates(names, params, mesh, ns_axis, specs):
+    """The optimizers to compare, by name (muon_jax's told the parameters' partition ``specs``, as the
     trainer does)."""
-    import jax
     import muon_jax
     from bench.optimizer import optax_contrib_same_math
 
@@ -124,7 +123,6 @@ def candidates(names, params, mesh, ns_axis):
         if name == OPTAX:
             yield name, optax_contrib_same_math(1e-3, params)
         else:
-            specs = jax.tree.map(lambda x: x.sharding.spec, params)
             yield name, muon_jax.muon(1e-3, mesh=mesh, ns_axis=ns_axis, ns_mode=name, param_specs=specs)
 
 
@@ -152,7 +150,8 @@ def measure(config: str, names, overrides=()) -> dict:
             "exchanges": [list(e) for e in placement.exchanges],
             "n_params": sum(x.size for x in jax.tree.leaves(params)), "ns_tflop": total / 1e12,
             "largest_mb": max(math.prod(s) for _, s in mats) * 4 / 2**20, "rows": {}}
-    for name, tx in candidates(names, params, mesh, ns_axis):
+    specs = jax.tree.map(lambda x: x.sharding.spec, params)
+    for name, tx in candidates(names, params, mesh, ns_axis, specs):
         start = time.perf_counter()
         compiled = compile_step(tx, params)
         seconds = time.perf_counter() - start
@@ -165,8 +164,8 @@ def measure(config: str, names, overrides=()) -> dict:
         if name == "placed":
             # The same step without Newton–Schulz's iterations (normalisation only): what the placement
             # itself needs, apart from the iteration workspace that any device running NS needs.
-            bare = compile_step(muon_jax.muon(1e-3, mesh=mesh, ns_axis=ns_axis, ns_steps=0,
-                                              param_specs=jax.tree.map(lambda x: x.sharding.spec, params)), params)
+            bare = compile_step(muon_jax.muon(1e-3, mesh=mesh, ns_axis=ns_axis, ns_steps=0, param_specs=specs),
+                                params)
             row["temp_no_iter_mb"] = bare.memory_analysis().temp_size_in_bytes / 2**20
         head["rows"][name] = row
         print(f"{head['config']} {n_dev:5d} dev {name:20s} FLOPs/limit {row['flops_ratio']:7.3f}  "

@@ -299,27 +299,26 @@ def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: 
     moving = []
     for k, ex in enumerate(placement.exchanges):
         idx = [i for i, lp in enumerate(plans) if lp.leaf.exchange == ex]
-        if ex:
-            moving.append((k, ex, idx))
-        for i in idx if not ex else ():
-            done = ns(pieces[i].reshape(-1, *plans[i].leaf.layout.shape)).astype(result_dtype)
-            out[i] = done.reshape(pieces[i].shape)
+        if not ex:
+            for i in idx:
+                done = ns(pieces[i].reshape(-1, *plans[i].leaf.layout.shape)).astype(result_dtype)
+                out[i] = done.reshape(pieces[i].shape)
+            continue
+        moving.append((k, ex, idx, [np.asarray(placement.starts[i]) for i in idx]))
     recvs = []
-    for k, ex, idx in moving:
+    for k, ex, idx, starts in moving:
         n, width = placement.sizes[k], placement.widths[k]
-        starts = [np.asarray(placement.starts[i]) for i in idx]
         send = pack([pieces[i] for i in idx], starts, n * width, pieces[0].dtype).reshape(n, width)
         recvs.append(jax.lax.all_to_all(send, ex, 0, 0, tiled=True))
-    roles = [tuple(role[k] for k, _, _ in moving) for role in placement.roles]
+    roles = [tuple(role[k] for k, *_ in moving) for role in placement.roles]
     branches = [lambda r, role=role: run_role(r, role, ns, result_dtype) for role in roles]
     if len(set(roles)) == 1:
         done = branches[0](recvs) if moving else ()
     else:
         me = jax.lax.axis_index(ns_axes)
         done = jax.lax.switch(jnp.asarray(placement.role_of, jnp.int32)[me], branches, recvs)
-    for (k, ex, idx), result in zip(moving, done):
+    for (k, ex, idx, starts), result in zip(moving, done):
         back = unsigned(jax.lax.all_to_all(unsigned(result), ex, 0, 0, tiled=True), result.dtype).reshape(-1)
-        starts = [np.asarray(placement.starts[i]) for i in idx]
         for i, x in zip(idx, unpack(back, starts, [pieces[i].shape[1] for i in idx])):
             out[i] = x
     return [x.reshape(y.shape) for x, y in zip(from_pieces(out, plans), local)]
@@ -378,17 +377,14 @@ def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns
         specs = [jax.typeof(m).sharding.spec for m in mats]
     specs = [None] * len(mats) if specs is None else list(specs)
 
+    def run(mats, anchors):
+        if ns_mode == "placed":
+            return placed(mats, ns, auto, ns_axes, specs, anchors, ns_dtype)
+        out = gathered(mats, ns, auto) if ns_mode == "gather" else balanced(mats, ns, auto, ns_axes)
+        return [tie(o, None if anchors is None else anchors[i], specs[i], auto) for i, o in enumerate(out)]
+
     if explicit:
         # Explicit axes: the shardings are in the types; compute in Auto axes and come back to them.
-        return jax.sharding.auto_axes(lambda ms: placed(ms, ns, auto, ns_axes, specs, None, ns_dtype) if ns_mode == "placed"
-                                      else run_padded_or_gathered(ms, ns, auto, ns_axes, ns_mode),
+        return jax.sharding.auto_axes(lambda ms: run(ms, None),
                                       out_sharding=[jax.typeof(m).sharding for m in mats])(mats)
-    if ns_mode == "placed":
-        return placed(mats, ns, auto, ns_axes, specs, anchors, ns_dtype)
-    out = run_padded_or_gathered(mats, ns, auto, ns_axes, ns_mode)
-    return [tie(o, None if anchors is None else anchors[i], specs[i], auto) for i, o in enumerate(out)]
-
-
-def run_padded_or_gathered(mats, ns, mesh, ns_axes, ns_mode):
-    """The two comparison modes, ``"gather"`` and ``"balanced"``."""
-    return gathered(mats, ns, mesh) if ns_mode == "gather" else balanced(mats, ns, mesh, ns_axes)
+    return run(mats, anchors)

@@ -58,7 +58,7 @@ def matrix_specs(param_specs: ParamSpecs, updates, params, matrix_axes) -> Optio
         raise ValueError(f"param_specs must give one PartitionSpec (or NamedSharding, or None) per parameter "
                          f"leaf: got {len(specs)} specs for {len(leaves)} leaves. Pass a pytree shaped like "
                          "the parameters, e.g. jax.tree.map(lambda x: x.sharding.spec, params).")
-    out = []
+    it, out = iter(s for s, x in zip(specs, leaves) if not _is_masked(x)), []
 
     def collect(x, axes):
         spec = next(it)
@@ -70,7 +70,6 @@ def matrix_specs(param_specs: ParamSpecs, updates, params, matrix_axes) -> Optio
         out.append(spec)
         return x
 
-    it = iter(s for s, x in zip(specs, leaves) if not _is_masked(x))
     map_matrices(collect, updates, matrix_axes)
     return out
 
