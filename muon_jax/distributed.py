@@ -6,6 +6,7 @@ Design, data movement, costs and how to choose ``ns_axis``: docs/distributed.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -219,35 +220,53 @@ def disassemble(y: jax.Array, lay: Layout) -> jax.Array:
     return x if lay.order == tuple(range(len(lay.order))) else x[np.asarray(lay.order)]
 
 
-def orthogonalize_groups(blocks: dict, ns: Callable) -> dict:
-    """``ns`` on every ``[count, a, b]`` block, one batch per shape (a shape and its transpose together)."""
+# A device orthogonalises its matrices of one shape in at most this many slabs, one after the other (more
+# would shrink the working set little and lengthen the program).
+MAX_SLABS = 4
+
+
+def in_slabs(ns: Callable, x: jax.Array, slab: int) -> jax.Array:
+    """``ns`` over the ``[count, a, b]`` matrices of ``x``, as many at a time as fit in ``slab`` elements
+    (at least one, at most :data:`MAX_SLABS` slabs): the Newton–Schulz working set is then one slab's,
+    not that of all of them. Unrolled rather than a loop, whose FLOPs XLA's cost analysis counts once."""
+    count = x.shape[0]
+    per = max(1, slab // math.prod(x.shape[-2:]), -(-count // MAX_SLABS))
+    return ns(x) if per >= count else jnp.concatenate([ns(x[i:i + per]) for i in range(0, count, per)])
+
+
+def orthogonalize_groups(blocks: dict, ns: Callable, slab: int) -> dict:
+    """``ns`` on every ``[count, a, b]`` block, one batch per shape (a shape and its transpose together),
+    at most a ``slab`` of elements at a time."""
     by_key: dict[tuple[int, int], list] = {}
     for key, m in blocks.items():
         by_key.setdefault(tuple(sorted(m.shape[1:])), []).append(key)
     out = {}
     for shape, keys in by_key.items():
         batch = [blocks[k] if blocks[k].shape[1:] == shape else jnp.swapaxes(blocks[k], 1, 2) for k in keys]
-        done = ns(jnp.concatenate(batch) if len(batch) > 1 else batch[0])
+        done = in_slabs(ns, jnp.concatenate(batch) if len(batch) > 1 else batch[0], slab)
         for k, part in zip(keys, jnp.split(done, np.cumsum([blocks[k].shape[0] for k in keys])[:-1])):
             out[k] = part if blocks[k].shape[1:] == shape else jnp.swapaxes(part, 1, 2)
     return out
 
 
-def run_role(recvs: list[jax.Array], role: tuple[tuple[Group, ...], ...], ns: Callable, result_dtype) -> tuple:
+def run_role(recvs: list[jax.Array], role: tuple[tuple[Group, ...], ...], ns: Callable, result_dtype,
+             slab: int) -> tuple:
     """One device role: its owned matrices reassembled from every exchange's ``[n, width]`` receive
-    buffer, orthogonalised per shape, and written back in place as ``result_dtype``."""
+    buffer, orthogonalised per shape (``slab`` elements at a time), and written back in place as
+    ``result_dtype`` (its bits, unsigned)."""
     blocks = {}
     for k, (recv, groups) in enumerate(zip(recvs, role)):
         for g in groups:
             piece = g.layout.piece
             x = recv[:, g.offset:g.offset + g.count * piece].reshape(recv.shape[0], g.count, piece)
             blocks[k, g] = assemble(x, g.layout)
-    done = orthogonalize_groups(blocks, ns)
+    done = orthogonalize_groups(blocks, ns, slab)
     outs = []
     for k, (recv, groups) in enumerate(zip(recvs, role)):
         n, width = recv.shape
-        rows = [disassemble(done[k, g].astype(result_dtype), g.layout).reshape(n, -1) for g in groups]
-        rows.append(jnp.zeros((n, width - sum(g.count * g.layout.piece for g in groups)), result_dtype))
+        # As unsigned bits, so that XLA cannot move the conversion to ``result_dtype`` past the concatenation.
+        rows = [unsigned(disassemble(done[k, g].astype(result_dtype), g.layout)).reshape(n, -1) for g in groups]
+        rows.append(jnp.zeros((n, width - sum(g.count * g.layout.piece for g in groups)), bits_of(result_dtype)))
         outs.append(jnp.concatenate(rows, axis=1))
     return tuple(outs)
 
@@ -280,45 +299,78 @@ def from_pieces(pieces: list[jax.Array], plans: list[LeafPlan]) -> list[jax.Arra
     return out
 
 
+def bits_of(dtype) -> np.dtype:
+    """The unsigned integer dtype as wide as ``dtype``."""
+    return np.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+
+
 def unsigned(x: jax.Array, dtype=None) -> jax.Array:
     """``x``'s bits as unsigned integers of its width (or, with ``dtype``, back): a collective on them
     cannot be widened by XLA hoisting a later float conversion above it."""
-    if dtype is None:
-        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    return jax.lax.bitcast_convert_type(x, dtype)
+    return jax.lax.bitcast_convert_type(x, bits_of(x.dtype) if dtype is None else dtype)
+
+
+def frobenius_norms(pieces: list[jax.Array], plans: list[LeafPlan], axes: MeshAxes) -> list[jax.Array]:
+    """Inside ``shard_map``: ``‖M‖_F`` of every matrix of each leaf (``[count, 1]``) from its ``[count,
+    piece]`` pieces, in one all-reduce. The pieces of a matrix are disjoint (replicas send different slices
+    of their block), so their sums of squares add up; a leaf whose batch axis is sharded writes its sums at
+    its group's place in the reduced vector, so that groups holding different matrices do not mix."""
+    sizes, names = dict(axes), tuple(a for a, _ in axes)
+    parts, at = [], []
+    for x, lp in zip(pieces, plans):
+        batch = tuple(a for a in names if a not in lp.leaf.exchange)
+        sums = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1)
+        at.append(jax.lax.axis_index(batch) * lp.leaf.count if batch else 0)
+        zeros = jnp.zeros(math.prod(sizes[a] for a in batch) * lp.leaf.count, jnp.float32)
+        parts.append(jax.lax.dynamic_update_slice(zeros, sums, (at[-1],)))
+    total = jax.lax.psum(jnp.concatenate(parts), names)
+    starts = np.cumsum([0] + [p.shape[0] for p in parts])
+    return [jnp.sqrt(jax.lax.dynamic_slice(total, (start + a,), (lp.leaf.count,)))[:, None]
+            for start, a, lp in zip(starts, at, plans)]
 
 
 def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: list[LeafPlan],
-             ns_axes: tuple[str, ...], result_dtype) -> list[jax.Array]:
+             axes: MeshAxes, result_dtype, x0: Optional[Callable] = None) -> list[jax.Array]:
     """Inside ``shard_map``: every device sends its pieces to their owners (one all-to-all per exchange),
     each owner runs its role, the results come back the same way (as ``result_dtype``) and replicas
     gather theirs. Leaves whose devices already hold whole matrices (an empty exchange) are
-    orthogonalised where they lie."""
+    orthogonalised where they lie. With ``x0`` (``M, ‖M‖_F → X_0``, Newton–Schulz's normalised input in
+    its own dtype) the pieces travel as ``X_0``, the norms summed first in one all-reduce."""
     pieces = [to_piece(x, lp) for x, lp in zip(local, plans)]
+    # Standard NS works through a wide matrix in blocks at least as wide as its short side: the largest
+    # short-side square is the working unit, and smaller matrices are batched up to it.
+    slab = max(min(lp.leaf.layout.shape) ** 2 for lp in plans)
     out: list = [None] * len(plans)
     moving = []
     for k, ex in enumerate(placement.exchanges):
         idx = [i for i, lp in enumerate(plans) if lp.leaf.exchange == ex]
         if not ex:
             for i in idx:
-                done = ns(pieces[i].reshape(-1, *plans[i].leaf.layout.shape)).astype(result_dtype)
+                done = in_slabs(ns, pieces[i].reshape(-1, *plans[i].leaf.layout.shape), slab).astype(result_dtype)
                 out[i] = done.reshape(pieces[i].shape)
             continue
         moving.append((k, ex, idx, [np.asarray(placement.starts[i]) for i in idx]))
+    if x0 is not None and moving:
+        movers = [i for *_, idx, _ in moving for i in idx]
+        for i, norm in zip(movers, frobenius_norms([pieces[i] for i in movers], [plans[i] for i in movers], axes)):
+            pieces[i] = x0(pieces[i], norm)
+        ns = functools.partial(ns, normalized=True)
     recvs = []
     for k, ex, idx, starts in moving:
-        n, width = placement.sizes[k], placement.widths[k]
-        send = pack([pieces[i] for i in idx], starts, n * width, pieces[0].dtype).reshape(n, width)
-        recvs.append(jax.lax.all_to_all(send, ex, 0, 0, tiled=True))
+        # Packed as unsigned bits: XLA would otherwise move a narrowing conversion past the packing and the
+        # all-to-all, which then widens the buffers.
+        n, width, dtype = placement.sizes[k], placement.widths[k], pieces[idx[0]].dtype
+        send = pack([unsigned(pieces[i]) for i in idx], starts, n * width, bits_of(dtype))
+        recvs.append(unsigned(jax.lax.all_to_all(send.reshape(n, width), ex, 0, 0, tiled=True), dtype))
     roles = [tuple(role[k] for k, *_ in moving) for role in placement.roles]
-    branches = [lambda r, role=role: run_role(r, role, ns, result_dtype) for role in roles]
+    branches = [lambda r, role=role: run_role(r, role, ns, result_dtype, slab) for role in roles]
     if len(set(roles)) == 1:
         done = branches[0](recvs) if moving else ()
     else:
-        me = jax.lax.axis_index(ns_axes)
+        me = jax.lax.axis_index(tuple(a for a, _ in axes))
         done = jax.lax.switch(jnp.asarray(placement.role_of, jnp.int32)[me], branches, recvs)
     for (k, ex, idx, starts), result in zip(moving, done):
-        back = unsigned(jax.lax.all_to_all(unsigned(result), ex, 0, 0, tiled=True), result.dtype).reshape(-1)
+        back = unsigned(jax.lax.all_to_all(result, ex, 0, 0, tiled=True), result_dtype).reshape(-1)
         for i, x in zip(idx, unpack(back, starts, [pieces[i].shape[1] for i in idx])):
             out[i] = x
     return [x.reshape(y.shape) for x, y in zip(from_pieces(out, plans), local)]
@@ -326,13 +378,14 @@ def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: 
 
 def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, ...],
            specs: Sequence[Optional[P]], anchors: Optional[list[jax.Array]] = None,
-           ns_dtype=None) -> list[jax.Array]:
+           ns_dtype=None, ns_input: Optional[Callable] = None) -> list[jax.Array]:
     """Cost-balanced mode: every matrix whole on the one device of ``ns_axes`` that :func:`plan` gives
     it, one all-to-all out and one back per exchange (docs/distributed.md). ``specs``: each leaf's
     partition spec (matrix axes last) where known; a leaf without one is resharded by XLA first, and
     tied back to its ``anchor`` (a leaf with one comes out in its own layout, and an anchor there only
     makes XLA move things about). Results travel back in ``ns_dtype`` when it is narrower than the
-    updates' (NS computes in it, so nothing is lost: half the bytes and buffers of the way back)."""
+    updates' (NS computes in it, so nothing is lost: half the bytes and buffers of the way back), and
+    then, given ``ns_input`` (``M, ‖M‖_F → X_0``), travel out as ``X_0``, in ``ns_dtype`` too."""
     if not mats:
         return []
     plans, placement = plan_leaves([m.shape for m in mats], specs, mesh, ns_axes)
@@ -348,7 +401,8 @@ def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, 
     specs_in = [lp.spec for lp in plans]
     narrow = ns_dtype is not None and jnp.dtype(ns_dtype).itemsize < jnp.dtype(dtype).itemsize
     result_dtype = jnp.dtype(ns_dtype) if narrow else dtype
-    outs = jax.shard_map(lambda xs: exchange(xs, ns, placement, plans, ns_axes, result_dtype), mesh=mesh,
+    axes, x0 = tuple((a, mesh.shape[a]) for a in ns_axes), ns_input if narrow else None
+    outs = jax.shard_map(lambda xs: exchange(xs, ns, placement, plans, axes, result_dtype, x0), mesh=mesh,
                          in_specs=(specs_in,), out_specs=specs_in, check_vma=False)(inputs)
     results = []
     for i, (o, m, lp) in enumerate(zip(outs, mats, plans)):
@@ -362,14 +416,17 @@ def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, 
 
 def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns_axes: tuple[str, ...],
                           ns_mode: str, anchors: Optional[list[jax.Array]] = None,
-                          specs: Optional[Sequence[Optional[P]]] = None, ns_dtype=None) -> list[jax.Array]:
+                          specs: Optional[Sequence[Optional[P]]] = None, ns_dtype=None,
+                          ns_input: Optional[Callable] = None) -> list[jax.Array]:
     """Applies ``ns`` (NS over the last two axes) to every array of ``mats`` (matrix axes last, any
     leading batch axes), distributed over ``ns_axes`` of ``mesh`` as ``ns_mode`` says.
 
     ``anchors``: arrays of the same shapes whose layout the results must take, normally the
     parameters (jit inputs, so their layout is fixed); see docs/distributed.md. ``specs``: the
     partition spec of each of ``mats`` where known (read from the types on ``Explicit`` meshes).
-    ``ns_dtype``: the dtype ``ns`` computes in, if known (results then travel back in it).
+    ``ns_dtype``: the dtype ``ns`` computes in, if known (results then travel back in it). ``ns_input``:
+    ``M, ‖M‖_F → X_0``, NS's normalised input, with ``ns(X_0, normalized=True)`` taking it from there; if
+    given, ``"placed"`` sends ``X_0`` in ``ns_dtype`` rather than ``M``.
     """
     auto = _auto_axes_mesh(mesh)
     explicit = any(t != AxisType.Auto for t in mesh.axis_types)
@@ -379,7 +436,7 @@ def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns
 
     def run(mats, anchors):
         if ns_mode == "placed":
-            return placed(mats, ns, auto, ns_axes, specs, anchors, ns_dtype)
+            return placed(mats, ns, auto, ns_axes, specs, anchors, ns_dtype, ns_input)
         out = gathered(mats, ns, auto) if ns_mode == "gather" else balanced(mats, ns, auto, ns_axes)
         return [tie(o, None if anchors is None else anchors[i], specs[i], auto) for i, o in enumerate(out)]
 

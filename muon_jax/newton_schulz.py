@@ -119,11 +119,12 @@ def resolve_restarts(restarts, dtype, horizon: int, coeffs: CoeffsSpec = "moonli
     return tuple(sorted(set(int(r) for r in restarts)))
 
 
-def symmetric_matmul(a: jax.Array, b: jax.Array, precision) -> jax.Array:
-    """``a @ b`` for a product known to be symmetric: a Gram matrix ``X Xᵀ``, or the product of two
-    polynomials in one Gram matrix (they commute). Every such product of both NS methods goes through
-    here, so a symmetric-GEMM kernel (one triangle computed, then mirrored) can replace it."""
-    return jnp.matmul(a, b, precision=precision)
+def symmetric_matmul(a: jax.Array, b: jax.Array, precision, out_dtype=None) -> jax.Array:
+    """``a @ b`` for a product known to be symmetric: a Gram matrix ``X Xᵀ`` (or one column block's
+    share of it, summed in ``out_dtype``), or the product of two polynomials in one Gram matrix (they
+    commute). Every such product of both NS methods goes through here, so a symmetric-GEMM kernel (one
+    triangle computed, then mirrored) can replace it."""
+    return jnp.matmul(a, b, precision=precision, preferred_element_type=out_dtype)
 
 
 def gram(x: jax.Array, precision) -> jax.Array:
@@ -141,12 +142,42 @@ def _loop(lo, hi, body, carry):
     return jax.lax.fori_loop(lo, hi, body, carry)
 
 
+# Standard NS updates a wide iterate in at most this many column blocks, and sums its Gram matrix over
+# at most GRAM_BLOCKS (XLA adds the partial sums in one fusion, so all of them are live at once). More
+# would shrink the working set little and lengthen the program.
+UPDATE_BLOCKS = 4
+GRAM_BLOCKS = 2
+
+
+def column_blocks(short: int, long: int, most: int) -> list[tuple[int, int]]:
+    """The column ranges of a wide ``[short, long]`` iterate that standard NS works through one at a time:
+    ``min(long // short, most)`` equal blocks, each at least as wide as the short side."""
+    n = min(max(1, long // short), most)
+    cuts = [i * (long // n) for i in range(n)] + [long]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def standard_iterate(X, steps, coeff, precision):
-    """``X ← a X + (b A + c A²) X`` with ``A = X Xᵀ``, ``steps`` times (``coeff(i)`` gives (a, b, c))."""
+    """``X ← a X + (b A + c A²) X`` with ``A = X Xᵀ``, ``steps`` times (``coeff(i)`` gives (a, b, c)).
+
+    A wide ``X`` (twice as long as high or more) is worked through in :func:`column_blocks`: ``A`` summed
+    over blocks in float32, then each block replaced by ``a X_j + (b A + c A²) X_j``, which needs only
+    ``X_j``. Same FLOPs; the working set beyond ``X`` is a few blocks instead of whole copies of ``X``
+    (the product ``B X``, the next iterate, and on CPU float32 copies of a bf16 ``X``)."""
+    short, long = X.shape[-2:]
+    blocks, gram_blocks = column_blocks(short, long, UPDATE_BLOCKS), column_blocks(short, long, GRAM_BLOCKS)
+
     def step(i, X):
         a, b, c = coeff(i)
-        A = gram(X, precision)
-        return a * X + jnp.matmul(b * A + c * symmetric_matmul(A, A, precision), X, precision=precision)
+        if len(blocks) == 1:
+            A = gram(X, precision)
+            return a * X + jnp.matmul(b * A + c * symmetric_matmul(A, A, precision), X, precision=precision)
+        A = sum(symmetric_matmul(X[..., lo:hi], jnp.swapaxes(X[..., lo:hi], -1, -2), precision, jnp.float32)
+                for lo, hi in gram_blocks).astype(X.dtype)
+        B = b * A + c * symmetric_matmul(A, A, precision)
+        for lo, hi in blocks:
+            X = X.at[..., lo:hi].set(a * X[..., lo:hi] + jnp.matmul(B, X[..., lo:hi], precision=precision))
+        return X
     return _loop(0, steps, step, X)
 
 
@@ -199,8 +230,16 @@ def gram_iterate(X, steps, coeff, restarts, precision):
     return X
 
 
-def newton_schulz_iterate(x, *, steps, coeffs, eps, dtype, method="standard", restarts=None):
-    """Unjitted body of :func:`newton_schulz`, for use inside a caller's trace.
+def ns_input(m, norm, *, coeffs, eps, dtype):
+    """The iteration's input ``X_0 = M / (s‖M‖_F + eps)`` in ``dtype``, given ``norm = ‖M‖_F``
+    (broadcastable against ``m``): for callers that hold ``M`` in pieces and sum its norm themselves."""
+    _, norm_scale = resolve_coeffs(coeffs, 1)
+    return (m.astype(jnp.float32) / (norm_scale * norm + eps)).astype(dtype)
+
+
+def newton_schulz_iterate(x, *, steps, coeffs, eps, dtype, method="standard", restarts=None, normalized=False):
+    """Unjitted body of :func:`newton_schulz`, for use inside a caller's trace; ``normalized``: ``x`` is
+    already :func:`ns_input`'s ``X_0``.
 
     ``steps`` may also be a traced integer (``optax.inject_hyperparams`` turns every int argument into
     an array); the loop then runs as a ``fori_loop`` over the coefficient table, with the same maths.
@@ -209,7 +248,7 @@ def newton_schulz_iterate(x, *, steps, coeffs, eps, dtype, method="standard", re
     method = resolve_method(method, x.shape, dtype)
     static_steps = isinstance(steps, (int, np.integer))
     # For a traced step count take the whole table; steps beyond it repeat the last triple.
-    table, norm_scale = resolve_coeffs(coeffs, int(steps) if static_steps else 0)
+    table, _ = resolve_coeffs(coeffs, int(steps) if static_steps else 0)
     steps = int(steps) if static_steps else steps
     # Default restarts for a traced step count: placed as for the table's length (at least 5 steps).
     restarts = resolve_restarts(restarts, dtype, steps if static_steps else max(len(table), 5), coeffs)
@@ -222,9 +261,11 @@ def newton_schulz_iterate(x, *, steps, coeffs, eps, dtype, method="standard", re
 
     wide = x.shape[-2] <= x.shape[-1]
     m = x if wide else jnp.swapaxes(x, -1, -2)
-    m32 = m.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(m32), axis=(-2, -1), keepdims=True))
-    X = (m32 / (norm_scale * norm + eps)).astype(dtype)
+    if normalized:
+        X = m.astype(dtype)
+    else:
+        norm = jnp.sqrt(jnp.sum(jnp.square(m.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
+        X = ns_input(m, norm, coeffs=coeffs, eps=eps, dtype=dtype)
     if method == "gram":
         X = gram_iterate(X, steps, coeff, restarts, precision)
     else:
@@ -252,8 +293,10 @@ def newton_schulz(
 
     with ``s = 1`` for the Moonlight quintic and ``s = 1.02`` for Polar Express. The matrix is
     transposed first when it has more rows than columns so that ``A`` is the smaller Gram matrix
-    (``p(Xᵀ) = p(X)ᵀ``, so the result is the same). The norm is taken in float32; the iteration runs in
-    ``dtype`` (bf16 by default, as in Moonlight; float32 matmuls use full precision on every backend).
+    (``p(Xᵀ) = p(X)ᵀ``, so the result is the same), and a wide one is updated in column blocks (same
+    result, a smaller working set: :func:`standard_iterate`). The norm is taken in float32; the
+    iteration runs in ``dtype`` (bf16 by default, as in Moonlight; float32 matmuls use full precision
+    on every backend).
 
     ``method="gram"`` computes the same polynomial as Gram Newton–Schulz (Zhang, Amsel, Chen & Dao
     2026): for ``X`` of shape ``[n, m]``, ``n ≤ m``, it iterates on the ``n×n`` matrix ``R = X Xᵀ`` and

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from muon_jax.distributed import NsAxis, orthogonalize_sharded, resolve_ns_axes
-from muon_jax.newton_schulz import (CoeffsSpec, newton_schulz_iterate, require_matrix, resolve_coeffs,
+from muon_jax.newton_schulz import (CoeffsSpec, newton_schulz_iterate, ns_input, require_matrix, resolve_coeffs,
                                     resolve_method, resolve_restarts)
 
 MatrixAxes = Union[None, Any, Callable[[Any], Any]]
@@ -183,10 +183,13 @@ def orthogonalize(
     resolve_restarts(restarts, jnp.float32, 5)
     ns_axes = resolve_ns_axes(mesh, ns_axis, ns_mode)
 
-    def ns(m):
+    def ns(m, normalized=False):
         # The method is bound here, so distributed NS (which batches same-shape matrices) runs it too.
         return newton_schulz_iterate(m, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype, method=method,
-                                     restarts=restarts)
+                                     restarts=restarts, normalized=normalized)
+
+    def x0(m, norm):
+        return ns_input(m, norm, coeffs=coeffs, eps=eps, dtype=dtype)
 
     def orthogonalize_leaf(x, axes):
         return jnp.moveaxis(ns(jnp.moveaxis(x, axes, (-2, -1))), (-2, -1), axes)
@@ -202,7 +205,8 @@ def orthogonalize(
         results = iter(orthogonalize_sharded(
             matrices(updates), ns, mesh=mesh, ns_axes=ns_axes, ns_mode=ns_mode,
             anchors=None if params is None else matrices(params),
-            specs=matrix_specs(param_specs, updates, params, matrix_axes), ns_dtype=static_dtype(dtype)))
+            specs=matrix_specs(param_specs, updates, params, matrix_axes), ns_dtype=static_dtype(dtype),
+            ns_input=x0))
         return map_matrices(
             lambda x, axes: jnp.moveaxis(next(results), (-2, -1), axes), updates, matrix_axes)
 

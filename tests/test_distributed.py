@@ -168,24 +168,30 @@ def test_fsdp_step_is_two_all_to_alls():
     assert moved == 2 * shard, moved / shard
 
 
-def test_bf16_results_travel_back_in_bf16():
-    """With bf16 Newton–Schulz (the default) on float32 updates, the results come back in 16 bits (NS
-    computes in bf16, so nothing is lost) and equal single-device Muon to bf16 precision."""
-    mesh = auto_mesh((2, 4), ("data", "fsdp"))
-    specs = {"stack": P(None, "fsdp", None), "wo": P(None, "fsdp")}
-    params = {"stack": jax.random.normal(jax.random.key(0), (3, 32, 48)),
-              "wo": jax.random.normal(jax.random.key(1), (16, 32))}
-    shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
-    ref = muon_jax.muon(0.02).update(params, muon_jax.muon(0.02).init(params), params)[0]
-    tx = muon_jax.muon(0.02, mesh=mesh, ns_axis=("data", "fsdp"), param_specs=specs)
-    sharded = jax.device_put(params, shardings)
-    step = jax.jit(lambda p, s: tx.update(p, s, p)[0], out_shardings=shardings)
-    compiled = step.lower(sharded, tx.init(sharded)).compile()
-    for k, u in compiled(sharded, tx.init(sharded)).items():
-        assert rel_err(u, ref[k]) <= 1e-2, (k, rel_err(u, ref[k]))
-    kinds = [line for line in compiled.as_text().splitlines() if COLLECTIVE.match(line)]
-    assert any(" u16[" in line and "all-to-all(" in line for line in kinds), kinds
-    assert any(" u16[" in line and "all-gather(" in line for line in kinds), kinds  # the data replicas
+@pytest.mark.parametrize("case", ["data2_fsdp4", "fsdp_expert_tensor_222"])
+def test_bf16_pieces_travel_in_bf16(case):
+    """With bf16 Newton–Schulz (the default) on float32 updates, pieces travel out as NS's normalised
+    input and back as its result, both in 16 bits (NS computes in bf16, so nothing is lost), the norms
+    summed in one all-reduce; the updates equal single-device Muon's to bf16 precision on every kind of
+    layout (experts sharded over a batch axis, HSDP replicas, a matrix cut both ways)."""
+    mesh, ns_axis, params, shardings, grads = build(case)
+    tx = muon_jax.muon(0.02)
+    p, state, step, ref = params, tx.init(params), jax.jit(train_step(tx)), []
+    for g in grads:
+        p, state, u = step(p, state, g)
+        ref.append(u)
+    tx = muon_jax.muon(0.02, mesh=mesh, ns_axis=ns_axis, param_specs={k: s.spec for k, s in shardings.items()})
+    _, updates, hlo = run_sharded(tx, params, shardings, grads)
+    for t, (u, r) in enumerate(zip(updates, ref)):
+        for k in r:
+            # bf16 NS on differently batched matrices: about 5e-4 here; a norm summed over the wrong
+            # devices gives 0.25.
+            assert rel_err(u[k], r[k]) <= 2e-3, (t, k, rel_err(u[k], r[k]))
+    lines = [line for line in hlo.splitlines() if COLLECTIVE.match(line)]
+    assert all(" u16[" in line for line in lines if "all-to-all(" in line), lines
+    assert sum("all-reduce(" in line for line in lines) == 1, lines
+    if case == "data2_fsdp4":
+        assert any(" u16[" in line and "all-gather(" in line for line in lines), lines  # the data replicas
 
 
 def test_inject_hyperparams_and_explicit_mesh():
@@ -264,8 +270,9 @@ def test_bad_input_errors():
 # on an fsdp=64 mesh and on a data=4 × fsdp=16 (HSDP) one, where every leaf is replicated over data.
 HLO_CHECK = r"""
 import json, math, os
+from bench.distributed import MEMORY_SCHEDULER, SENT_BYTES  # (imports no jax)
 # (the backend optimization level is LLVM's: it changes compile time, not the HLO measured here)
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=64 --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=64 --xla_backend_optimization_level=0 {MEMORY_SCHEDULER}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -294,7 +301,7 @@ for mesh_shape, modes in (((64,), ("placed", "balanced")), ((4, 16), ("placed",)
             "flops": (cost[0] if isinstance(cost, list) else cost)["flops"] / limit, "bytes": moved / shard,
             "ops": sum(counts.values()), "temp": compiled.memory_analysis().temp_size_in_bytes}
     _, placement = plan_leaves([s for s, _ in leaves.values()], list(specs.values()), mesh, axes)
-    out[f"allowed_temp {mesh_shape}"] = shard + (placement.owned_elements() + placement.buffer_elements()) * 4
+    out[f"allowed_temp {mesh_shape}"] = shard + placement.owned_elements() * 4 + placement.buffer_elements() * SENT_BYTES
 print(json.dumps(out))
 """
 
@@ -302,8 +309,8 @@ print(json.dumps(out))
 def test_placed_at_64_devices_is_at_the_limit():
     """Compile-only, 64 simulated devices (own process): on an fsdp mesh and on a data × fsdp mesh the
     placed step is within 1.10× the FLOP limit, moves at most 3 parameter shards in at most 8
-    collectives, and its temporary memory stays within twice (shard + own matrices + one all-to-all
-    buffer); balanced is far above the limit."""
+    collectives, and its temporary memory stays within shard + own matrices (float32) + one all-to-all
+    buffer (bf16, as sent); balanced is far above the limit."""
     import json
     import os
     import pathlib
@@ -320,7 +327,5 @@ def test_placed_at_64_devices_is_at_the_limit():
         assert placed["flops"] <= 1.10, (mesh_shape, placed)
         assert placed["bytes"] <= 3.0, (mesh_shape, placed)
         assert placed["ops"] <= 8, (mesh_shape, placed)
-        # The stated budget (shard + own matrices + one buffer) plus Newton–Schulz's own working set (its
-        # iterate, Gram matrices and the receive buffer), which is at most as large again.
-        assert placed["temp"] <= 2 * figures[f"allowed_temp {mesh_shape}"], (mesh_shape, figures)
+        assert placed["temp"] <= figures[f"allowed_temp {mesh_shape}"], (mesh_shape, figures)
     assert figures["balanced (64,)"]["flops"] > 2.0, figures
