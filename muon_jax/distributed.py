@@ -337,8 +337,8 @@ def exchange(local: list[jax.Array], ns: Callable, placement: Placement, plans: 
     orthogonalised where they lie. With ``x0`` (``M, ‖M‖_F → X_0``, Newton–Schulz's normalised input in
     its own dtype) the pieces travel as ``X_0``, the norms summed first in one all-reduce."""
     pieces = [to_piece(x, lp) for x, lp in zip(local, plans)]
-    # Standard NS works through a wide matrix in blocks at least as wide as its short side: the largest
-    # short-side square is the working unit, and smaller matrices are batched up to it.
+    # NS's working set grows with a matrix's short-side square (its Gram matrix; standard NS updates a
+    # wide matrix in column blocks): the largest such square is the unit smaller matrices are batched up to.
     slab = max(min(lp.leaf.layout.shape) ** 2 for lp in plans)
     out: list = [None] * len(plans)
     moving = []

@@ -120,10 +120,10 @@ def resolve_restarts(restarts, dtype, horizon: int, coeffs: CoeffsSpec = "moonli
 
 
 def symmetric_matmul(a: jax.Array, b: jax.Array, precision, out_dtype=None) -> jax.Array:
-    """``a @ b`` for a product known to be symmetric: a Gram matrix ``X Xᵀ`` (or one column block's
-    share of it, summed in ``out_dtype``), or the product of two polynomials in one Gram matrix (they
-    commute). Every such product of both NS methods goes through here, so a symmetric-GEMM kernel (one
-    triangle computed, then mirrored) can replace it."""
+    """``a @ b`` (in ``out_dtype`` if given) for a product known to be symmetric: a Gram matrix ``X Xᵀ``,
+    or the product of two polynomials in one Gram matrix (they commute). Every such product of both NS
+    methods goes through here, so a symmetric-GEMM kernel (one triangle computed, then mirrored) can
+    replace it."""
     return jnp.matmul(a, b, precision=precision, preferred_element_type=out_dtype)
 
 
@@ -142,17 +142,15 @@ def _loop(lo, hi, body, carry):
     return jax.lax.fori_loop(lo, hi, body, carry)
 
 
-# Standard NS updates a wide iterate in at most this many column blocks, and sums its Gram matrix over
-# at most GRAM_BLOCKS (XLA adds the partial sums in one fusion, so all of them are live at once). More
-# would shrink the working set little and lengthen the program.
+# Standard NS updates a wide iterate in this many column blocks: more shrank the measured working set no
+# further (bench/distributed.py) and lengthen the program.
 UPDATE_BLOCKS = 4
-GRAM_BLOCKS = 2
 
 
-def column_blocks(short: int, long: int, most: int) -> list[tuple[int, int]]:
-    """The column ranges of a wide ``[short, long]`` iterate that standard NS works through one at a time:
-    ``min(long // short, most)`` equal blocks, each at least as wide as the short side."""
-    n = min(max(1, long // short), most)
+def column_blocks(short: int, long: int) -> list[tuple[int, int]]:
+    """The column ranges in which standard NS updates a ``[short, long]`` iterate, one after the other:
+    :data:`UPDATE_BLOCKS` equal blocks if it is at least twice as long as high, else the whole."""
+    n = UPDATE_BLOCKS if long >= 2 * short else 1
     cuts = [i * (long // n) for i in range(n)] + [long]
     return list(zip(cuts[:-1], cuts[1:]))
 
@@ -160,20 +158,19 @@ def column_blocks(short: int, long: int, most: int) -> list[tuple[int, int]]:
 def standard_iterate(X, steps, coeff, precision):
     """``X ← a X + (b A + c A²) X`` with ``A = X Xᵀ``, ``steps`` times (``coeff(i)`` gives (a, b, c)).
 
-    A wide ``X`` (twice as long as high or more) is worked through in :func:`column_blocks`: ``A`` summed
-    over blocks in float32, then each block replaced by ``a X_j + (b A + c A²) X_j``, which needs only
-    ``X_j``. Same FLOPs; the working set beyond ``X`` is a few blocks instead of whole copies of ``X``
-    (the product ``B X``, the next iterate, and on CPU float32 copies of a bf16 ``X``)."""
-    short, long = X.shape[-2:]
-    blocks, gram_blocks = column_blocks(short, long, UPDATE_BLOCKS), column_blocks(short, long, GRAM_BLOCKS)
+    A wide ``X`` (twice as long as high or more) is updated in :func:`column_blocks`: ``A`` formed in
+    float32 (then rounded once, as a bf16 matmul does), then each block replaced by
+    ``a X_j + (b A + c A²) X_j``, which needs only ``X_j``. Same FLOPs; the working set beyond ``X`` is a
+    block instead of whole copies of ``X`` (the product ``B X``, the next iterate, and on CPU float32
+    copies of a bf16 ``X``)."""
+    blocks = column_blocks(*X.shape[-2:])
 
     def step(i, X):
         a, b, c = coeff(i)
         if len(blocks) == 1:
             A = gram(X, precision)
             return a * X + jnp.matmul(b * A + c * symmetric_matmul(A, A, precision), X, precision=precision)
-        A = sum(symmetric_matmul(X[..., lo:hi], jnp.swapaxes(X[..., lo:hi], -1, -2), precision, jnp.float32)
-                for lo, hi in gram_blocks).astype(X.dtype)
+        A = symmetric_matmul(X, jnp.swapaxes(X, -1, -2), precision, jnp.float32).astype(X.dtype)
         B = b * A + c * symmetric_matmul(A, A, precision)
         for lo, hi in blocks:
             X = X.at[..., lo:hi].set(a * X[..., lo:hi] + jnp.matmul(B, X[..., lo:hi], precision=precision))
