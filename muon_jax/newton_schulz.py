@@ -127,9 +127,9 @@ def symmetric_matmul(a: jax.Array, b: jax.Array, precision, out_dtype=None) -> j
     return jnp.matmul(a, b, precision=precision, preferred_element_type=out_dtype)
 
 
-def gram(x: jax.Array, precision) -> jax.Array:
-    """``X Xᵀ`` over the last two axes."""
-    return symmetric_matmul(x, jnp.swapaxes(x, -1, -2), precision)
+def gram(x: jax.Array, precision, out_dtype=None) -> jax.Array:
+    """``X Xᵀ`` over the last two axes (in ``out_dtype`` if given)."""
+    return symmetric_matmul(x, jnp.swapaxes(x, -1, -2), precision, out_dtype)
 
 
 def _loop(lo, hi, body, carry):
@@ -170,7 +170,7 @@ def standard_iterate(X, steps, coeff, precision):
         if len(blocks) == 1:
             A = gram(X, precision)
             return a * X + jnp.matmul(b * A + c * symmetric_matmul(A, A, precision), X, precision=precision)
-        A = symmetric_matmul(X, jnp.swapaxes(X, -1, -2), precision, jnp.float32).astype(X.dtype)
+        A = gram(X, precision, jnp.float32).astype(X.dtype)
         B = b * A + c * symmetric_matmul(A, A, precision)
         for lo, hi in blocks:
             X = X.at[..., lo:hi].set(a * X[..., lo:hi] + jnp.matmul(B, X[..., lo:hi], precision=precision))
