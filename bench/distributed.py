@@ -136,7 +136,7 @@ def measure(config: str, names, overrides=()) -> dict:
     """Compiles the step for every optimizer in ``names`` on the devices jax has; returns the figures."""
     import jax
     import muon_jax
-    from muon_jax.distributed import plan_leaves
+    from muon_jax.placement import plan_leaves
     from muon_jax.placement import ns_cost
 
     params, mesh = trainer_tree(config, overrides)

@@ -5,7 +5,6 @@ Design, data movement, costs and how to choose ``ns_axis``: docs/distributed.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Callable, Optional, Sequence, Union
@@ -16,7 +15,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from muon_jax.placement import Group, Layout, Leaf, MeshAxes, Placement, plan
+from muon_jax.placement import Group, Layout, LeafPlan, MeshAxes, Placement, plan_leaves
 
 try:  # removed in jax 0.11; there the results are tied to their parameters by spec (param_specs) only
     from jax.experimental.shard_alike import shard_alike
@@ -97,80 +96,6 @@ def balanced(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str
         for i, piece in zip(members, pieces):
             out[i] = piece.reshape(mats[i].shape)
     return out
-
-
-def hidden_first(shapes: list[tuple[int, int]]) -> list[bool]:
-    """Which matrices to transpose so that the dimension most matrices share (a transformer's hidden
-    size, the axis FSDP rules shard) comes first: then flattening a row-sharded matrix is local."""
-    sizes = [d for s in shapes for d in set(s)]
-    hidden = max(set(sizes), key=lambda d: (sizes.count(d), d)) if sizes else 0
-    return [s[1] == hidden and s[0] != hidden for s in shapes]
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafPlan:
-    """How one leaf enters the exchange. With its partition spec known (``flat`` False) the leaf goes in
-    as it lies, ``spec`` (its spec on ``ns_axis``); devices holding the same block (``reps_axes``) each
-    send a slice of it and gather the results. Otherwise (``flat``) it is transposed if ``transpose``,
-    flattened to ``[matrices, a·b]`` and laid out ``P(None, ns_axis)`` first, which XLA reshards to."""
-    leaf: Leaf
-    spec: P
-    reps_axes: tuple[str, ...] = ()
-    flat: bool = False
-    transpose: bool = False
-
-
-def _linear(coords: dict, axes, sizes: dict) -> int:
-    """The linear index of a device along ``axes`` (first major), as ``axis_index`` and specs count."""
-    index = 0
-    for a in axes:
-        index = index * sizes[a] + int(coords[a])
-    return index
-
-
-def leaf_plan(shape: tuple[int, ...], spec: Optional[P], axes: MeshAxes) -> Optional[LeafPlan]:
-    """The plan of a leaf (matrix axes last) sharded as ``spec``; None if ``spec`` is unknown or does
-    not divide the leaf evenly."""
-    if spec is None:
-        return None
-    sizes = dict(axes)
-    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
-    kept = [tuple(a for a in ((e,) if isinstance(e, str) else tuple(e or ())) if a in sizes) for e in entries]
-    if len(entries) != len(shape) or any(d % math.prod(sizes[a] for a in k) for d, k in zip(shape, kept)):
-        return None
-    batch = {a for k in kept[:-2] for a in k}
-    exchange = tuple(a for a, _ in axes if a not in batch)
-    rows, cols = kept[-2], kept[-1]
-    reps_axes = tuple(a for a in exchange if a not in rows + cols)
-    grid = (math.prod(sizes[a] for a in rows), math.prod(sizes[a] for a in cols))
-    reps = math.prod(sizes[a] for a in reps_axes)
-    order = []
-    for q in range(math.prod(sizes[a] for a in exchange)):
-        coords = dict(zip(exchange, np.unravel_index(q, [sizes[a] for a in exchange]))) if exchange else {}
-        block = _linear(coords, rows, sizes) * grid[1] + _linear(coords, cols, sizes)
-        order.append(block * reps + _linear(coords, reps_axes, sizes))
-    layout = Layout(tuple(shape[-2:]), grid, reps, tuple(order))
-    count = math.prod(shape[:-2]) // math.prod(sizes[a] for a in batch)
-    in_spec = P(*[k[0] if len(k) == 1 else (k or None) for k in kept])
-    return LeafPlan(Leaf(layout, count, exchange), in_spec, reps_axes)
-
-
-def flat_plan(shape: tuple[int, ...], transpose: bool, axes: MeshAxes) -> LeafPlan:
-    """The plan of a leaf whose layout is unknown: flattened, every device of ``axes`` holds 1/n of it."""
-    names, n = tuple(a for a, _ in axes), math.prod(s for _, s in axes)
-    a, b = shape[-1:-3:-1] if transpose else shape[-2:]
-    layout = Layout((a, b), (1, 1), n, tuple(range(n)))
-    return LeafPlan(Leaf(layout, math.prod(shape[:-2]), names), P(None, names), flat=True, transpose=transpose)
-
-
-def plan_leaves(shapes: Sequence[tuple[int, ...]], specs: Sequence[Optional[P]], mesh: Mesh,
-                ns_axes: tuple[str, ...]) -> tuple[list[LeafPlan], Placement]:
-    """Every leaf's plan (matrix axes last, ``specs`` where known) and the placement of their matrices
-    on the devices of ``ns_axes``."""
-    axes = tuple((a, mesh.shape[a]) for a in ns_axes)
-    flip = hidden_first([tuple(s[-2:]) for s in shapes])
-    plans = [leaf_plan(s, p, axes) or flat_plan(s, f, axes) for s, p, f in zip(shapes, specs, flip)]
-    return plans, plan(tuple(lp.leaf for lp in plans), axes)
 
 
 def _window_dims(piece: int):

@@ -223,7 +223,7 @@ def test_placement_balances_experts_and_big_dense_matrices():
     (placing the experts first left it at 1.35×), and every matrix gets its own slot in one buffer row."""
     import math
 
-    from muon_jax.distributed import leaf_plan
+    from muon_jax.placement import leaf_plan
     from muon_jax.placement import ns_cost, plan, positions
 
     axes = (("fsdp", 32), ("expert", 8))
@@ -278,7 +278,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import muon_jax
 from bench.distributed import collective_bytes, compile_step
-from muon_jax.distributed import plan_leaves
+from muon_jax.placement import plan_leaves
 from muon_jax.placement import ns_cost
 
 leaves = {"wq": ((21, 128, 128), P(None, "fsdp", None)), "wo": ((21, 128, 128), P(None, None, "fsdp")),
