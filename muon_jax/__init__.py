@@ -1,6 +1,7 @@
 """muon-jax: the Muon optimizer of Moonlight (arXiv 2502.16982) as composable optax transforms."""
 from muon_jax.distributed import NS_MODES
 from muon_jax.muon import LABELS, default_labels, muon
+from muon_jax.routing import Routing, infer_routing, is_axes_pair
 from muon_jax.newton_schulz import (GRAM_MIN_ASPECT, GRAM_RESTART_EVERY, GRAM_RESTART_EVERY_CUSTOM,
                                     MOONLIGHT_COEFFS, NS_METHODS, NS_SCHEDULES, POLAR_EXPRESS_COEFFS,
                                     newton_schulz, symmetric_matmul)
@@ -10,7 +11,7 @@ from muon_jax.transforms import (LR_SCALES, ScaleByMomentumState, orthogonalize,
 __all__ = [
     "GRAM_MIN_ASPECT", "GRAM_RESTART_EVERY", "GRAM_RESTART_EVERY_CUSTOM", "LABELS", "LR_SCALES",
     "MOONLIGHT_COEFFS", "NS_METHODS", "NS_MODES", "NS_SCHEDULES", "POLAR_EXPRESS_COEFFS",
-    "ScaleByMomentumState", "default_labels", "muon", "newton_schulz", "orthogonalize",
-    "scale_by_momentum", "scale_by_shape", "symmetric_matmul",
+    "Routing", "ScaleByMomentumState", "default_labels", "infer_routing", "is_axes_pair", "muon",
+    "newton_schulz", "orthogonalize", "scale_by_momentum", "scale_by_shape", "symmetric_matmul",
 ]
 __version__ = "0.1.0"
