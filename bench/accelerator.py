@@ -137,9 +137,10 @@ def build_step(cfg, max_logit_block: int | None = None):
     from train.step import make_train_step
     mesh = make_mesh(cfg)
     model_cfg = model_config_from_dict({"max_position_embeddings": max(cfg.seq_len, 2048), **cfg.model})
-    graphdef, state, tx, schedule, labels = initial_state(cfg, model_cfg, mesh, types.SimpleNamespace(init_model=None))
+    graphdef, state, tx, schedule, routing = initial_state(cfg, model_cfg, mesh,
+                                                          types.SimpleNamespace(init_model=None))
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(make_train_step(cfg, graphdef, tx, schedule, labels, model_cfg, max_logit_block),
+    step = jax.jit(make_train_step(cfg, graphdef, tx, schedule, routing.labels, model_cfg, max_logit_block),
                    donate_argnums=(0,), out_shardings=(shardings, None))
     sharding = batch_sharding(mesh, (cfg.global_batch, cfg.seq_len))
     batch = {k: jax.device_put(v, sharding) for k, v in

@@ -31,8 +31,8 @@ from train.models import attention_path, build_model, param_counts
 from train.optim import make_optimizer, make_schedule
 from train.preemption import Preempted, StopSignal
 from train.runtime import (batch_sharding, cache_dir, data_parallel_size, global_batch_array, local_rows,
-                           make_mesh, model_config_for, replicated, to_host)
-from train.step import make_eval_step, make_logit_probe, make_train_step
+                           make_mesh, model_config_for, on_mesh, replicated, to_host, use_compile_cache)
+from train.step import make_eval_step, make_logit_probe, make_loss_fn, make_train_step
 
 log = logging.getLogger("train")
 
@@ -130,40 +130,60 @@ def check_batch_fits_mesh(cfg: Config, mesh) -> None:
                           f"the data-parallel size {dp} (mesh data×fsdp); nearest valid global_batch: {sorted(near)}")
 
 
+def model_routing(graphdef, params, variables, rows: int, seq_len: int, z_loss: float = 0.0) -> muon_jax.Routing:
+    """Which params Muon orthogonalises, and as which matrices, read from the model's own training loss by
+    `muon_jax.infer_routing`: traced on an abstract [rows, seq_len] micro-batch, so nothing runs or is allocated."""
+    tokens = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens, "positions": tokens,
+             "loss_mask": jax.ShapeDtypeStruct((rows, seq_len), jnp.float32)}
+    loss_fn = make_loss_fn(graphdef, z_loss)
+    # the loss alone: aux outputs (expert loads, attention logits) are monitoring, not what is trained on
+    return muon_jax.infer_routing(lambda p, v, b: loss_fn(p, v, b)[0], params, variables, batch)
+
+
 def initial_state(cfg: Config, model_cfg, mesh, inputs: RunInputs):
-    """(graphdef, state, tx, schedule, labels): the model split into params/variables and a fresh optimizer state,
-    every buffer laid out like its parameter."""
+    """(graphdef, state, tx, schedule, routing): the model split into params/variables, a fresh optimizer state
+    with every buffer laid out like its parameter, and the `muon_jax.Routing` the optimizer uses."""
     if inputs.init_model is None:
         model = build_model(model_cfg, rngs=nnx.Rngs(params=cfg.seed), mesh=mesh)
     else:
         model = inputs.init_model(model_cfg, mesh)
     graphdef, params, variables = nnx.split(model, nnx.Param, ...)
+    routing = model_routing(graphdef, params, variables, cfg.global_batch // cfg.grad_accum, cfg.seq_len,
+                            cfg.optimizer.z_loss)
     schedule = make_schedule(cfg)
-    tx = make_optimizer(cfg, schedule, mesh, jax.tree.map(lambda x: getattr(x.sharding, "spec", None), params))
+    tx = make_optimizer(cfg, schedule, mesh, jax.tree.map(lambda x: getattr(x.sharding, "spec", None), params),
+                        routing=routing)
     # eager init: each buffer is created with its parameter's sharding (jax.jit(tx.init) may replicate them)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "variables": variables, "opt_state": tx.init(params)}
     # scalars such as Adam's step count come out on the default device: replicate them over the mesh
     state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated(mesh)),
                          state)
-    return graphdef, state, tx, schedule, muon_jax.default_labels(params)
+    return graphdef, state, tx, schedule, routing
 
 
 def setup(cfg: Config, inputs: Callable[[Config, jax.sharding.Mesh], RunInputs]) -> Run:
     """Run dir, mesh, data, model, optimizer, jitted steps and the checkpointer of a run (before any resume)."""
+    use_compile_cache(cfg)   # before anything compiles
     run_dir = prepare_run_dir(cfg)
     mesh = make_mesh(cfg)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     check_batch_fits_mesh(cfg, mesh)
     run_inputs = inputs(cfg, mesh)
     model_cfg = model_config_for(cfg, run_inputs.tokenizer)
-    graphdef, state, tx, schedule, labels = initial_state(cfg, model_cfg, mesh, run_inputs)
+    graphdef, state, tx, schedule, routing = initial_state(cfg, model_cfg, mesh, run_inputs)
+    log.info("%s (table: %s)", routing.summary(), run_dir / "routing.txt")
+    if jax.process_index() == 0:
+        (run_dir / "routing.txt").write_text(str(routing) + "\n")
     log.info("attention: %s (%s)", *attention_path(jax.default_backend(), model_cfg.dtype,
                                                    model_cfg.attention_head_dim))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, labels, model_cfg),
+    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, routing.labels, model_cfg),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
     ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    return Run(cfg, run_dir, mesh, run_inputs, model_cfg, graphdef, state, step_fn, make_eval_step(graphdef),
+    # on the mesh: attention runs per device under shard_map (a Pallas/cuDNN kernel cannot be partitioned by GSPMD)
+    step_fn, eval_fn = on_mesh(mesh, step_fn), on_mesh(mesh, make_eval_step(graphdef))
+    return Run(cfg, run_dir, mesh, run_inputs, model_cfg, graphdef, state, step_fn, eval_fn,
                [local_rows(b) for b in run_inputs.val_batches], ckpt)
 
 

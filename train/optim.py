@@ -24,9 +24,11 @@ def make_schedule(cfg: Config) -> optax.Schedule:
                                 [warmup, steps - decay])
 
 
-def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh, param_specs=None) -> optax.GradientTransformation:
+def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh | None, param_specs=None,
+                   routing: muon_jax.Routing | None = None) -> optax.GradientTransformation:
     """The configured optimizer, after global-norm clipping when `optimizer.grad_clip` > 0. `param_specs`: the
-    parameters' PartitionSpecs (a pytree like them), which let distributed Muon skip XLA's reshards."""
+    parameters' PartitionSpecs (a pytree like them), which let distributed Muon skip XLA's reshards. `routing`:
+    Muon's labels and matrix axes (`muon_jax.infer_routing`; None: `muon_jax.default_labels`)."""
     o = cfg.optimizer
     if o.name == "adamw":
         # decay on every leaf, as muon_jax.muon does for its Adam branch, so the two compare like for like
@@ -34,15 +36,21 @@ def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh, param_specs=N
     else:
         tx = muon_jax.muon(schedule, momentum=o.momentum, nesterov=o.nesterov, ns_coeffs=o.ns_coeffs,
                            ns_steps=o.ns_steps, ns_dtype=jnp.dtype(o.ns_dtype), lr_scale=o.lr_scale,
-                           ns_method=o.ns_method, weight_decay=o.weight_decay, adam_b1=o.b1, adam_b2=o.b2,
-                           adam_eps=o.eps, **distributed_muon_args(cfg, mesh, param_specs))
+                           ns_method=o.ns_method, ns_mode=o.ns_mode, weight_decay=o.weight_decay, adam_b1=o.b1,
+                           adam_b2=o.b2, adam_eps=o.eps, **routing_args(routing),
+                           **distributed_muon_args(cfg, mesh, param_specs))
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip > 0 else tx
 
 
-def distributed_muon_args(cfg: Config, mesh: jax.sharding.Mesh, param_specs=None) -> dict:
+def routing_args(routing: muon_jax.Routing | None) -> dict:
+    """muon's `labels` from a routing (none: its defaults)."""
+    return {} if routing is None else {"labels": routing.labels}
+
+
+def distributed_muon_args(cfg: Config, mesh: jax.sharding.Mesh | None, param_specs=None) -> dict:
     """Spread Newton–Schulz over every mesh axis of more than one device (data, fsdp, expert, tensor): each
-    matrix is orthogonalised whole by one device, wherever its pieces lie."""
-    axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    matrix is orthogonalised whole by one device, wherever its pieces lie. No mesh: single-device Muon."""
+    axes = () if mesh is None else tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
     if not axes:
         return {}
-    return {"mesh": mesh, "ns_axis": axes, "ns_mode": cfg.optimizer.ns_mode, "param_specs": param_specs}
+    return {"mesh": mesh, "ns_axis": axes, "param_specs": param_specs}
