@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.cli import add_distributed_args, initialize_distributed, run_job
-from train.config import load_config
+from train.cli import add_distributed_args, initialize_distributed, load_checked_config, run_job
 from train.loop import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The trainer's command line."""
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--config", default=None, help="YAML config (default: the bundled configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.learning_rate=0.01")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and exit after this many steps (for time-sliced jobs); rerun to continue")
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_checked_config(args.config, args.overrides)
         initialize_distributed(args)
         train(cfg, stop_after=args.stop_after)
 

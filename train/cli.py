@@ -1,4 +1,5 @@
-"""What the command-line entry points share: multi-process start-up and one-line errors for user mistakes."""
+"""What the command-line entry points share: loading and checking the config before any work, multi-process
+start-up, and one-line errors (exit 2) for user mistakes."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +11,45 @@ from typing import Callable
 import jax
 
 from train.checkpoint import CheckpointError
-from train.config import ConfigError
+from train.config import Config, ConfigError, load_config
 from train.data import DataError
 from train.loop import NonFiniteLoss
+from train.models import model_config_from_dict
+from train.optim import make_optimizer, make_schedule
 from train.preemption import Preempted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLoss)
 # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry". A scheduler's requeue hook can tell
 # a preempted run (rerun it) from success (0), a crash (1) and a user error (2).
 PREEMPTED_EXIT_CODE = 75
+# The model section leaves vocab_size to the tokenizer, known only after data work; any size checks the other keys.
+CHECK_VOCAB_SIZE = 50257
+
+
+def check_config(cfg: Config) -> None:
+    """What `load_config` cannot check from the bottom of train/, done before any data work or JAX start-up: the
+    model section builds a model config (strict keys and values), and the optimizer constructs (muon_jax checks its
+    options at construction, single-device: no mesh is needed). A ValueError from either is a ConfigError."""
+    try:
+        model_config_from_dict({"vocab_size": CHECK_VOCAB_SIZE, "max_position_embeddings": max(cfg.seq_len, 2048),
+                                **cfg.model})
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    try:
+        make_optimizer(cfg, make_schedule(cfg), mesh=None)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"optimizer: {e}") from None
+
+
+def load_checked_config(path, overrides) -> Config:
+    """`load_config(path, overrides)` then `check_config`: what every command line that runs a config calls first."""
+    cfg = load_config(path, overrides)
+    check_config(cfg)
+    return cfg
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:

@@ -2,26 +2,50 @@
 
 A run is described by nested dataclasses (`Config` and its sections). `load_config(path, overrides)` reads the
 YAML, applies `a.b.c=value` overrides (values parsed as YAML scalars), and builds the dataclasses; an unknown key
-anywhere fails with the closest valid names, a value of the wrong type names the key and the expected type.
-`model` is a Hugging Face-style model config dict (`train.models.model_config_from_dict` validates it). This module
-is the bottom of `train/`: it imports nothing of the project, so every other module may import it.
+anywhere fails with the closest valid names, a value of the wrong type names the key and the expected type, and a
+value outside an option's fixed set (a `Literal` field, or an enumerated key of the model section) names the key,
+the value and the closest valid one. `model` is a Hugging Face-style model config dict (its enumerated keys are
+checked here, the rest by `train.models.model_config_from_dict`). This module is the bottom of `train/`: it imports
+nothing of the project (nor JAX: data-preparing worker processes import it), so every other module may import it.
+Without a path, `load_config` reads the bundled `tiny.yaml` (package data `train.configs`, the repository's
+`configs/` directory), so it works from any directory after `pip install`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
-OPTIMIZERS = ("muon", "adamw")
-SCHEDULES = ("cosine", "wsd", "constant")
-NAN_POLICIES = ("halt", "skip")
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-DATA_FORMATS = ("auto", "text", "jsonl", "tokens")
+BUNDLED_CONFIGS = "train.configs"     # the package that ships configs/*.yaml (see pyproject.toml)
+DEFAULT_CONFIG = "tiny.yaml"
+
+# Options with a fixed set of values. The muon_jax ones restate muon_jax.NS_MODES, NS_METHODS, NS_SCHEDULES and
+# LR_SCALES so that this module stays free of JAX; tests/test_config.py asserts that they are equal.
+OptimizerName = Literal["muon", "adamw"]
+ScheduleName = Literal["cosine", "wsd", "constant"]
+NanPolicy = Literal["halt", "skip"]
+DataFormat = Literal["auto", "text", "jsonl", "tokens"]
+NsMode = Literal["placed", "balanced", "gather"]
+NsMethod = Literal["auto", "standard", "gram"]
+NsCoeffs = Literal["moonlight", "polar_express"]
+LrScale = Literal["moonlight", "spectral", "none"]
+FloatDtype = Literal["float32", "bfloat16", "float16"]
+# The model section's enumerated keys; train/models/model_config.py annotates its fields with these types.
+ModelType = Literal["llama", "qwen2", "deepseek_v3"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+RopeType = Literal["default", "linear", "llama3", "yarn"]
+HiddenAct = Literal["silu"]                # SwiGLU only
+ScoringFunc = Literal["sigmoid"]           # DeepSeek-V3 routing only
+TopkMethod = Literal["noaux_tc"]
+MODEL_CHOICES = {"model_type": ModelType, "remat": RematPolicy, "hidden_act": HiddenAct, "dtype": FloatDtype,
+                 "param_dtype": FloatDtype, "scoring_func": ScoringFunc, "topk_method": TopkMethod}
 
 
 class ConfigError(ValueError):
@@ -34,12 +58,37 @@ def did_you_mean(key: str, valid) -> str:
     return f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"valid keys: {', '.join(sorted(valid))}"
 
 
+def choices(options) -> tuple:
+    """The valid values of a `Literal[...]` type (or of a sequence of values)."""
+    return typing.get_args(options) if typing.get_origin(options) is Literal else tuple(options)
+
+
+def check_choice(where: str, value, options) -> None:
+    """Raises ConfigError unless `value` is one of `options` (a `Literal` type or a sequence); the one line names the
+    key `where`, the value and the closest valid one (difflib's similarity ratio), e.g.
+    ``optimizer.ns_mode='plced' is not one of 'placed', 'balanced', 'gather' (did you mean 'placed'?)``."""
+    valid = choices(options)
+    if isinstance(value, str) and value in valid:
+        return
+    closest = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.0)
+    hint = f" (did you mean {closest[0]!r}?)" if closest else ""
+    raise ConfigError(f"{where}={value!r} is not one of {', '.join(repr(v) for v in valid)}{hint}")
+
+
+def check_choices(obj, prefix: str = "") -> None:
+    """`check_choice` on every `Literal`-annotated field of the dataclass instance `obj`, named `prefix + field`."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        if typing.get_origin(hints[field.name]) is Literal:
+            check_choice(prefix + field.name, getattr(obj, field.name), hints[field.name])
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The pretraining corpus and its tokenizer (see train/data/)."""
     source: str = "tinyshakespeare"   # bundled name ("tinyshakespeare" | "medium"), a file / directory / glob, or
                                       # a directory made by python -m train.prepare_data
-    format: str = "auto"              # "auto" (by extension) | "text" | "jsonl" | "tokens" (.npy ids)
+    format: DataFormat = "auto"       # "auto" (by extension) | "text" | "jsonl" | "tokens" (.npy ids)
     text_field: str = "text"          # the JSONL field holding a document
     tokenizer: str = "bpe"            # "byte" | "bpe" | "gpt2" | path to a tokenizer.json
     vocab_size: int = 4096            # size of the trained "bpe" vocabulary
@@ -53,8 +102,6 @@ class DataConfig:
     def __post_init__(self):
         if self.workers < 0 or self.prefetch < 0:
             raise ConfigError(f"data.workers={self.workers}, data.prefetch={self.prefetch}: must be >= 0")
-        if self.format not in DATA_FORMATS:
-            raise ConfigError(f"data.format={self.format!r}: must be one of {DATA_FORMATS}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction}: must be in (0, 1)")
         if self.tokenizer == "bpe" and self.vocab_size <= 257:
@@ -65,7 +112,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """`muon` (muon_jax.muon: Muon for hidden matrices, AdamW for the rest) or `adamw` (optax.adamw on all)."""
-    name: str = "muon"
+    name: OptimizerName = "muon"
     learning_rate: float = 3e-3          # peak LR; shared by both Muon branches (Moonlight's 0.2-RMS matching)
     weight_decay: float = 0.1
     b1: float = 0.9                      # AdamW betas (the Adam branch of muon, or adamw)
@@ -74,11 +121,11 @@ class OptimizerConfig:
     momentum: float = 0.95               # Muon
     nesterov: bool = True
     ns_steps: int = 5
-    ns_coeffs: str = "moonlight"
-    ns_dtype: str = "bfloat16"
-    ns_method: str = "auto"              # Newton–Schulz: "auto" | "standard" | "gram" (muon_jax.muon)
-    lr_scale: str = "moonlight"
-    ns_mode: str = "placed"              # distributed Muon when params are sharded: "placed" | "balanced" | "gather"
+    ns_coeffs: NsCoeffs = "moonlight"    # muon_jax.NS_SCHEDULES: "moonlight" | "polar_express"
+    ns_dtype: FloatDtype = "bfloat16"
+    ns_method: NsMethod = "auto"         # Newton–Schulz: "auto" | "standard" | "gram" (muon_jax.muon)
+    lr_scale: LrScale = "moonlight"      # "moonlight" | "spectral" | "none" (muon_jax.scale_by_shape)
+    ns_mode: NsMode = "placed"           # distributed Muon when params are sharded: "placed" | "balanced" | "gather"
     grad_clip: float = 1.0               # global-norm clip; 0 disables
     z_loss: float = 0.0                  # coefficient of log(Z)^2 (PaLM); 0 disables
 
@@ -87,7 +134,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     """`cosine`: linear warmup then cosine to `final_fraction`·peak. `wsd`: warmup, stable, then a linear decay
     over the last `decay_fraction` of the steps. `constant`: warmup then flat."""
-    name: str = "cosine"
+    name: ScheduleName = "cosine"
     warmup_steps: int = 100
     final_fraction: float = 0.1
     decay_fraction: float = 0.2
@@ -95,11 +142,26 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; one axis may be -1 (all remaining devices). Logical axis rules map params onto them."""
+    """Mesh axis sizes; logical axis rules map params onto them (see train/runtime.py's `make_mesh`).
+
+    `data`, `fsdp`, `tensor`, `expert` are the axes within a slice (ICI, the fast chip-to-chip links; one may be -1:
+    all remaining devices of a slice). `dcn_*` multiply them across slices (DCN, the data-centre network between
+    TPU slices, or between GPU hosts): axis `a` spans `a * dcn_a` devices. MaxText's `ici_*`/`dcn_*` split: put
+    only data (or fsdp) across slices, whose collectives are few and large."""
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_expert: int = 1
+
+    def __post_init__(self):
+        bad = [f"mesh.dcn_{a}={getattr(self, f'dcn_{a}')}" for a in MESH_AXES if getattr(self, f"dcn_{a}") < 1]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: a dcn_* size counts slices and must be >= 1 "
+                              "(1: the axis stays within a slice)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +207,10 @@ class Config:
     seq_len: int = 256
     global_batch: int = 32               # sequences per optimizer step, over all processes and micro-batches
     grad_accum: int = 1                  # micro-batches per step
-    nan_policy: str = "halt"             # "halt": stop with a clear error; "skip": drop the step's update
+    nan_policy: NanPolicy = "halt"       # "halt": stop with a clear error; "skip": drop the step's update
     max_consecutive_skips: int = 5
+    compile_cache_dir: str = ""          # jax's persistent compilation cache ("" = jax's own setting, e.g. the
+                                         # JAX_COMPILATION_CACHE_DIR variable); a path or gs:// URL is reused by reruns
     model: dict = dataclasses.field(default_factory=dict)
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -163,8 +227,12 @@ class Config:
 
 
 def _check_type(where: str, value, annotation):
-    """Coerce/validate one scalar against its field annotation (ints are valid floats; None only if Optional)."""
+    """Coerce/validate one scalar against its field annotation (ints are valid floats; None only if Optional; a
+    `Literal` field takes one of its values)."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        check_choice(where, value, annotation)
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -198,13 +266,19 @@ def _build(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _check_model_choices(model: dict) -> None:
+    """The model section's enumerated keys (MODEL_CHOICES, rope_scaling's type), checked before any model is built."""
+    if "model_type" not in model:
+        raise ConfigError("config section 'model' needs a model_type ('llama', 'qwen2' or 'deepseek_v3')")
+    for key, options in MODEL_CHOICES.items():
+        if key in model:
+            check_choice(f"model.{key}", model[key], options)
+    scaling = model.get("rope_scaling")
+    if isinstance(scaling, dict):  # transformers' old name for rope_type is "type"
+        check_choice("model.rope_scaling.rope_type", scaling.get("rope_type", scaling.get("type", "default")), RopeType)
+
+
 def _validate(c: Config) -> Config:
-    def choice(where, value, options):
-        if value not in options:
-            raise ConfigError(f"{where}={value!r}; choose one of {options}")
-    choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
-    choice("schedule.name", c.schedule.name, SCHEDULES)
-    choice("nan_policy", c.nan_policy, NAN_POLICIES)
     for key in ("steps", "seq_len", "global_batch", "grad_accum"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key}={getattr(c, key)} must be ≥ 1")
@@ -215,8 +289,7 @@ def _validate(c: Config) -> Config:
         raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: each must be ≥ 1, at most one may be -1")
     if not 0 < c.sft.val_fraction < 1:
         raise ConfigError(f"sft.val_fraction={c.sft.val_fraction} must be in (0, 1)")
-    if "model_type" not in c.model:
-        raise ConfigError("config section 'model' needs a model_type ('llama', 'qwen2' or 'deepseek_v3')")
+    _check_model_choices(c.model)
     return c
 
 
@@ -249,11 +322,21 @@ def config_from_dict(d: dict, overrides=()) -> Config:
     return _validate(_build(Config, d, ""))
 
 
-def load_config(path: Optional[str | Path] = None, overrides=()) -> Config:
-    """Config from a YAML file (default: configs/tiny.yaml next to this package) plus `key=value` overrides."""
-    path = Path(path) if path else Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/<name>.yaml")
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
-    return config_from_dict(d, overrides)
+def bundled_config(name: str = DEFAULT_CONFIG):
+    """The shipped config `name` (e.g. "tiny.yaml"), read through importlib.resources: it works in a checkout, an
+    editable install and a wheel alike. Raises ConfigError naming the shipped configs when there is none such."""
+    configs = importlib.resources.files(BUNDLED_CONFIGS)
+    shipped = sorted(f.name for f in configs.iterdir() if f.name.endswith(".yaml"))
+    if name not in shipped:
+        raise ConfigError(f"there is no bundled config {name!r}; bundled: {', '.join(shipped)}")
+    return configs / name
+
+
+def load_config(path=None, overrides=()) -> Config:
+    """Config from a YAML file (a path, or a `bundled_config` resource; default: the bundled tiny.yaml) plus
+    `key=value` overrides."""
+    source = bundled_config() if not path else Path(path) if isinstance(path, str) else path
+    if not source.is_file():
+        raise ConfigError(f"config file {str(source)!r} does not exist; pass the path of a YAML config, or leave "
+                          "--config out for the bundled tiny.yaml")
+    return config_from_dict(yaml.safe_load(source.read_text()) or {}, overrides)

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import yaml
 
 from train import data as data_lib
-from train.cli import add_distributed_args, initialize_distributed, run_job
-from train.config import Config, ConfigError, DataConfig, load_config
+from train.cli import add_distributed_args, initialize_distributed, load_checked_config, run_job
+from train.config import Config, ConfigError, DataConfig, bundled_config, load_config
 from train.data.chat import DEFAULT_CHAT_TEMPLATE, ChatFormat, load_chat_data, make_chat_iterator, val_batches
 from train.decode import generate
 from train.loop import RunInputs, train
@@ -51,7 +51,7 @@ from train.pretrained import is_hf_dir, is_run_dir, load_run_dir
 from train.runtime import cache_dir, make_mesh, model_config_for
 
 log = logging.getLogger("train")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny.yaml"
+DEFAULT_CONFIG = "sft_tiny.yaml"       # bundled (train.config.bundled_config): found from any directory
 EOS_TEXT = "<|endoftext|>"              # the end-of-turn text of tokenizers that have no eos string of their own
 # sft keys that decide the data a run_dir was trained on: a resume must not change them
 # our own model fields that a run may set on top of a Hugging Face init (model.remat=full, ...)
@@ -238,7 +238,7 @@ def sft(cfg: Config, stop_after: int | None = None) -> dict:
 def main(argv=None) -> int:
     """`python -m train.sft`: parse and fine-tune; exit status 2 on a user error."""
     parser = argparse.ArgumentParser(prog="python -m train.sft", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/sft_tiny.yaml)")
+    parser.add_argument("--config", default=None, help="YAML config (default: the bundled configs/sft_tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.init_from=runs/tiny")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and exit after this many steps; rerun to continue")
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def job():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_checked_config(args.config or bundled_config(DEFAULT_CONFIG), args.overrides)
         initialize_distributed(args)
         sft(cfg, stop_after=args.stop_after)
 

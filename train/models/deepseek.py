@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from train.models.attention import LOGIT_BLOCK
-from train.models.model_config import DeepseekV3Config, yarn_mscale
+from train.models.model_config import DeepseekV3Config
+from train.models.rope import yarn_mscale
 from train.models.layers import (MLP, CausalLM, Linear, RMSNorm, apply_rope, attention, cache_mask, decode_stack,
                                  make_stack, param, rope_angles)
 

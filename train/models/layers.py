@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from train.models.attention import LOGIT_BLOCK, attention_path, fused_attention, max_logit
-from train.models.model_config import rope_attention_factor, rope_inv_freq
+from train.models.rope import rope_attention_factor, rope_inv_freq
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", stddev=0.02) -> nnx.Param:

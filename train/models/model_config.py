@@ -2,22 +2,20 @@
 
 `from_dict` is strict (our YAML/JSON configs: a typo is an error), `from_hf_dict` is lenient (hub configs carry
 many keys we do not need). Both families also carry our own fields: compute `dtype`, `param_dtype`, `remat`
-policy and, for MoE, `capacity_factor` and `balance_rate`.
+policy and, for MoE, `capacity_factor` and `balance_rate`. Enumerated fields are `Literal` types of train.config
+(the same ones `load_config` checks the model section against), checked here by `check_choices`. RoPE/YaRN maths:
+train/models/rope.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
-import numpy as np
 from flax.core import FrozenDict
 
-from train.config import did_you_mean
-
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+from train.config import (FloatDtype, HiddenAct, ModelType, RematPolicy, RopeType, ScoringFunc, TopkMethod,
+                          check_choice, check_choices, did_you_mean)
 # Our own fields: never written to a Hugging Face config.json.
 OWN_FIELDS = ("dtype", "param_dtype", "remat", "capacity_factor", "balance_rate")
 
@@ -44,7 +42,7 @@ class _Config:
     model_type: ClassVar[str]
     architecture: ClassVar[str]
 
-    hidden_act: str = "silu"
+    hidden_act: HiddenAct = "silu"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: Any = None
@@ -56,20 +54,17 @@ class _Config:
     pad_token_id: Any = None
     dtype: Any = "float32"
     param_dtype: Any = "float32"
-    remat: str = "none"
+    remat: RematPolicy = "none"
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):  # accept jnp dtypes, store names so the config stays serialisable
-            object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
+            value = getattr(self, name)
+            check_choice(name, value if isinstance(value, str) else jnp.dtype(value).name, FloatDtype)
+            object.__setattr__(self, name, jnp.dtype(value).name)
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
-            rope_type = self.rope_scaling.get("rope_type", "default")
-            if rope_type not in ROPE_TYPES:
-                raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; only 'silu' (SwiGLU)")
+            check_choice("rope_scaling.rope_type", self.rope_scaling.get("rope_type", "default"), RopeType)
+        check_choices(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "_Config":
@@ -214,8 +209,8 @@ class DeepseekV3Config(_Config):
     topk_group: int = 4
     first_k_dense_replace: int = 3
     norm_topk_prob: bool = True
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"
+    scoring_func: ScoringFunc = "sigmoid"   # DeepSeek-V3 routing only
+    topk_method: TopkMethod = "noaux_tc"
     kv_lora_rank: int = 512
     q_lora_rank: int | None = 1536
     qk_rope_head_dim: int = 64
@@ -229,9 +224,6 @@ class DeepseekV3Config(_Config):
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        if self.scoring_func != "sigmoid" or self.topk_method != "noaux_tc":
-            raise ValueError(f"scoring_func={self.scoring_func!r}, topk_method={self.topk_method!r}: only "
-                             "DeepSeek-V3 routing (scoring_func='sigmoid', topk_method='noaux_tc') is supported")
         if self.n_routed_experts % self.n_group or self.n_routed_experts // self.n_group < 2:
             raise ValueError(f"n_routed_experts={self.n_routed_experts} must split into n_group={self.n_group} "
                              "groups of at least 2 experts (group score = sum of its top-2)")
@@ -273,8 +265,7 @@ CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "deepseek_v3": Dee
 
 
 def _config_class(model_type):
-    if model_type not in CONFIG_CLASSES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(CONFIG_CLASSES)}")
+    check_choice("model_type", model_type, ModelType)
     return CONFIG_CLASSES[model_type]
 
 
@@ -315,69 +306,3 @@ def param_counts(config) -> tuple[int, int]:
         attn += (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + (d if c.o_proj_bias else 0)
     total = embed + c.num_hidden_layers * (attn + mlp(c.intermediate_size) + 2 * d)
     return total, total
-
-
-def rope_inv_freq(config, rotary_dim: int):
-    """Inverse RoPE frequencies [rotary_dim // 2] (float32), with linear or Llama-3 scaling when configured."""
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", "default")
-    if rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":  # smooth interpolation between high- and low-frequency bands (Llama 3.1)
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(medium, smoothed, scaled)
-    elif rope_type == "yarn":
-        inv_freq = _yarn_inv_freq(config, rotary_dim, scaling)
-    return inv_freq.astype(np.float32)
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention temperature 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn_factor(config, scaling) -> float:
-    """The yarn `factor`; without one, DeepSeek's max_position_embeddings / original_max_position_embeddings."""
-    factor = scaling.get("factor")
-    return config.max_position_embeddings / scaling["original_max_position_embeddings"] if factor is None else factor
-
-
-def _yarn_inv_freq(config, dim: int, scaling) -> np.ndarray:
-    """YaRN (as DeepSeek-V3 and transformers compute it): high-frequency dims keep their frequency
-    (extrapolation), low-frequency dims are divided by `factor` (interpolation), with a linear ramp between the
-    dims that turn beta_fast and beta_slow times over original_max_position_embeddings."""
-    base, factor = config.rope_theta, _yarn_factor(config, scaling)
-    old_len = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
-    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
-    correction_dim = lambda rotations: dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high + 0.001 if low == high else high) - low),
-                   0, 1)
-    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
-    extrapolation = 1 - ramp
-    return (1 / (factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
-
-
-def rope_attention_factor(config) -> float:
-    """The factor on cos/sin: yarn's `attention_factor`, or mscale(factor, mscale) / mscale(factor,
-    mscale_all_dim) when both are given (DeepSeek-V3), else mscale(factor); 1 for other rope types."""
-    scaling = config.rope_scaling or {}
-    if scaling.get("rope_type", "default") != "yarn":
-        return 1.0
-    if scaling.get("attention_factor") is not None:
-        return float(scaling["attention_factor"])
-    factor, mscale, mscale_all_dim = _yarn_factor(config, scaling), scaling.get("mscale"), scaling.get(
-        "mscale_all_dim")
-    if mscale and mscale_all_dim:
-        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-    return yarn_mscale(factor)
