@@ -73,21 +73,22 @@ class _Val:
     data: bool = False               # depends on something other than params and literals (inputs, constants)
     deps: frozenset = frozenset()    # the leaves a data-independent value depends on
     prod: frozenset = frozenset()    # leaves whose matmul produced this value with no parameter matmul after it
+    onehot: bool = False             # a re-layout of booleans of the data cast to float (jax.nn.one_hot)
 
 
 _NULL = _Val()
 
 
-def _val(prov: dict, data: bool, deps, prod) -> _Val:
+def _val(prov: dict, data: bool, deps, prod, onehot: bool = False) -> _Val:
     return _Val(tuple(sorted(prov.items())) if not data else (), data, frozenset() if data else frozenset(deps),
-                frozenset(prod))
+                frozenset(prod), onehot)
 
 
 def _join(a: _Val, b: _Val) -> _Val:
     """The value of a loop carry / cond output that may be either `a` or `b`."""
     pa, pb = dict(a.prov), dict(b.prov)
     prov = {leaf: m for leaf, m in pa.items() if pb.get(leaf) == m}
-    return _val(prov, a.data or b.data, a.deps | b.deps, a.prod | b.prod)
+    return _val(prov, a.data or b.data, a.deps | b.deps, a.prod | b.prod, a.onehot and b.onehot)
 
 
 def _reshape_map(in_shape, out_shape) -> list[list[int]]:
@@ -217,7 +218,11 @@ class _Analysis:
 
     # -- re-layouts --------------------------------------------------------------------------------------------
     def _relayout(self, val: _Val, fn) -> _Val:
-        return _val(self._mapped(val, fn), val.data, val.deps, val.prod)
+        return _val(self._mapped(val, fn), val.data, val.deps, val.prod, val.onehot)
+
+    def _convert_element_type(self, eqn, ins):
+        was_bool = getattr(eqn.invars[0].aval, "dtype", None) == jnp.dtype(bool)
+        return [dataclasses.replace(ins[0], onehot=ins[0].onehot or (was_bool and ins[0].data))]
 
     def _transpose(self, eqn, ins):
         perm = eqn.params["permutation"]
@@ -291,6 +296,9 @@ class _Analysis:
     def _dot_general(self, eqn, ins):
         (contract, batch) = eqn.params["dimension_numbers"]
         for side in (0, 1):
+            if ins[1 - side].onehot:  # one_hot(tokens) @ table is an embedding lookup written as a matmul
+                self.record(ins[side], "gather", "multiplied by a one-hot of the data (an embedding)")
+                continue
             rank = len(_shape(eqn.invars[side]))
             c, b = contract[side], batch[side]
             self.record_matmul(ins[side], c, b, [d for d in range(rank) if d not in c and d not in b], "dot_general")
