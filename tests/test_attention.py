@@ -1,16 +1,22 @@
 """Attention per backend and the max attention logit: the step holds no T×T tensor of its own (compiled figures,
-not timings), the blockwise max equals a float64 reference, and the CPU path equals the pre-issue-16 attention."""
+not timings), the blockwise max equals a float64 reference, and the CPU path equals the pre-issue-16 attention.
+On a mesh (8 simulated devices) attention runs per device under shard_map: splash (Pallas interpreter) equals the
+XLA path on one device, values and gradients, and neither the call nor the sharded train step gathers q/k/v."""
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import train.models.layers as layers
 from bench.accelerator import build_step
 from train.config import load_config
-from train.models.attention import LOGIT_BLOCK, attention_path, fused_attention, max_logit, splash_attention
+from train.models.attention import (LOGIT_BLOCK, attention_path, attention_specs, fused_attention, local_attention,
+                                    max_logit, splash_attention)
+from train.runtime import make_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 B, N, K, D = 1, 4, 2, 16   # batch, query heads, key heads, head dim of the compiled-memory tests
@@ -61,6 +67,96 @@ def test_tpu_splash_path_equals_xla_in_interpret_mode():
     seg = packed_segments(t)
     np.testing.assert_allclose(splash_attention(q, k, v, seg, 0.1, interpret=True),
                                fused_attention(q, k, v, seg, 0.1, "xla"), atol=1e-5)
+
+
+# an all-gather and its result type, e.g. "%all-gather.3 = f32[8,128,4,16]{3,2,1,0} all-gather(...)"
+ALL_GATHER = re.compile(r"^\s*\S+ = \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", re.M)
+
+
+def gathered_qkv(hlo: str, t: int, head_dim: int) -> list[str]:
+    """Result shapes of the all-gathers in compiled `hlo` that carry attention inputs: rank >= 4 with a sequence
+    (`t`) and a head (`head_dim`) dimension, whatever the transposes (the kernel's [B, K, G, T, D] included)."""
+    shapes = [tuple(int(d) for d in dims.split(",") if d) for dims in ALL_GATHER.findall(hlo)]
+    return [s for s in shapes if len(s) >= 4 and t in s and head_dim in s]
+
+
+def auto_axes_mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def sharded_qkv(mesh, q, k, v, seg):
+    specs = attention_specs(q.shape, k.shape, mesh)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    return put(q, specs[0]), put(k, specs[1]), put(v, specs[1]), put(seg, P(specs[0][0], None))
+
+
+def test_splash_under_shard_map_equals_xla_on_8_devices():
+    # batch 4 over data x fsdp, 4 query / 2 key heads over tensor: each device holds 1 row and 1 GQA group
+    mesh = auto_axes_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    t, d = 128, 16
+    q, k, v = (jnp.concatenate([x, x[::-1] * 0.5]) for x in qkv(t, dqk=d, dv=d, seed=1))    # batch 4
+    seg = jnp.concatenate([packed_segments(t), packed_segments(t)[::-1]])
+    loss = lambda f: lambda q, k, v, s: jnp.sum(f(q, k, v, s) * jnp.cos(jnp.arange(d)))
+    splash = loss(lambda q, k, v, s: fused_attention(q, k, v, s, 0.1, "splash"))
+    args = sharded_qkv(mesh, q, k, v, seg)
+    with jax.set_mesh(mesh):
+        run = jax.jit(jax.value_and_grad(splash, argnums=(0, 1, 2)))
+        (value, grads), hlo = run(*args), run.lower(*args).compile().as_text()
+    # the reference: XLA's attention on one device, no mesh
+    xla = loss(lambda q, k, v, s: local_attention(q, k, v, s, 0.1, "xla"))
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(xla, argnums=(0, 1, 2)))(q, k, v, seg)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for got, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda *a: fused_attention(*a, 0.1, "splash"))(*args),
+                               local_attention(q, k, v, seg, 0.1, "xla"), atol=1e-5)
+    assert grads[0].sharding.spec == args[0].sharding.spec
+    assert gathered_qkv(hlo, t, d) == []
+    # the detector sees the gathers GSPMD needs for the same kernel without the mesh (no shard_map)
+    no_mesh = jax.jit(jax.value_and_grad(splash, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    assert gathered_qkv(no_mesh, t, d)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])   # 1 key head cannot be split over tensor=2: heads stay whole
+@pytest.mark.parametrize("packed", [True, False])
+def test_shard_map_wrapper_equals_one_device(kv_heads, packed):
+    mesh = auto_axes_mesh((4, 2), ("fsdp", "tensor"))
+    q, k, v = (jnp.concatenate([x, -x]) for x in qkv(24, kv=kv_heads))
+    seg = jnp.concatenate([packed_segments(24)] * 2)
+    args = sharded_qkv(mesh, q, k, v, seg)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v, s: fused_attention(q, k, v, s if packed else None, 0.3, "xla"))(*args)
+    ref = local_attention(q, k, v, seg if packed else None, 0.3, "xla")
+    np.testing.assert_allclose(out, ref, atol=1e-5)   # the same ops per device; float32 summation order
+
+
+def test_attention_specs_keep_gqa_groups_whole():
+    mesh = auto_axes_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    assert attention_specs((4, 8, 4, 16), (4, 8, 2, 16), mesh) == (
+        P(("data", "fsdp"), None, "tensor", None), P(("data", "fsdp"), None, "tensor", None))
+    # 3 key heads do not split in 2: neither do the query heads (a device needs each of its groups' keys)
+    assert attention_specs((4, 8, 6, 16), (4, 8, 3, 16), mesh) == (P(("data", "fsdp"), None, None, None),) * 2
+    # a batch of 2 does not split over data x fsdp = 4; tensor still splits the heads
+    assert attention_specs((2, 8, 4, 16), (2, 8, 2, 16), mesh) == (P(None, None, "tensor", None),) * 2
+    one = auto_axes_mesh((1, 8), ("data", "expert"))
+    assert attention_specs((4, 8, 4, 16), (4, 8, 2, 16), one) == (P(None, None, None, None),) * 2
+
+
+def test_sharded_step_gathers_no_qkv(monkeypatch):
+    # the trainer's step (one layer, splash in the Pallas interpreter) on data x fsdp x tensor, compiled on its
+    # mesh as train/loop.py runs it: weights are gathered (FSDP), attention inputs never
+    monkeypatch.setenv("MUON_JAX_ATTENTION", "splash")
+    t, head_dim = 128, 16
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "model.hidden_size=64", "model.intermediate_size=96", "model.num_hidden_layers=1",
+        "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=256", f"seq_len={t}",
+        "global_batch=8", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    step, state, batch, model_cfg, _ = build_step(cfg)
+    assert model_cfg.attention_head_dim == head_dim
+    with jax.set_mesh(make_mesh(cfg)):
+        hlo = step.lower(state, batch).compile().as_text()
+    assert ALL_GATHER.search(hlo)              # FSDP's weight gathers: the pattern matches this HLO
+    assert gathered_qkv(hlo, t, head_dim) == []
 
 
 def test_attention_path_per_backend(monkeypatch):

@@ -10,7 +10,13 @@ Which kernel runs (`attention_path`, logged once at start by the trainer):
   turns into an additive bias of the fused kernel; should a later jax accept segment ids, they are passed instead.
   Other dtypes/head dims fall back to the XLA path.
 * TPU: splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) with segment ids, no T×T mask.
-  The kernel is single-device: on a multi-chip mesh it still needs a shard_map over the batch axes (not done yet).
+  On any other backend the same kernel runs in the Pallas interpreter (slow; for tests).
+
+Pallas (splash) and cuDNN kernels are custom calls that GSPMD cannot partition: given sharded q/k/v it would gather
+them whole onto every device. So when a mesh is current (`jax.set_mesh`, as the trainer's steps run), every
+implementation runs per device inside `jax.shard_map` (`on_mesh_shards`): batch split over the "batch" rule's axes
+(data, fsdp), query and key heads over "heads"/"kv_heads" (tensor), packing segment ids split with the batch, as
+MaxText does. Each device then attends over its own rows and heads, with no collective at all.
 
 MUON_JAX_ATTENTION=xla|cudnn_mask|splash overrides the choice (e.g. to rule out a kernel when a run fails).
 
@@ -19,11 +25,15 @@ the [B, N, T, T] float32 logits. Kimi K2 computes the same max inside its attent
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
+
+from train.models.sharding import DEFAULT_RULES, logical_to_spec
 
 LOGIT_BLOCK = 256      # query rows per block of `max_logit`
 SPLASH_BLOCK = 512     # splash attention tile (clamped to T)
@@ -91,10 +101,11 @@ def splash_attention(q, k, v, segment_ids, scale, interpret: bool = False):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, -1)
 
 
-def fused_attention(q, k, v, segment_ids, scale, implementation: str):
-    """Causal attention [B, T, N, D] by `implementation` (see `attention_path`); q, k, v share one head dim."""
+def local_attention(q, k, v, segment_ids, scale, implementation: str):
+    """Causal attention [B, T, N, D] of the arrays one device holds, by `implementation` (see `attention_path`);
+    q, k, v share one head dim."""
     if implementation == "splash":
-        return splash_attention(q, k, v, segment_ids, scale)
+        return splash_attention(q, k, v, segment_ids, scale, interpret=jax.default_backend() != "tpu")
     if implementation == "cudnn" and segment_ids is not None:
         segments = dict(zip(SEGMENT_PARAMS, (segment_ids, segment_ids)))
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn",
@@ -102,6 +113,45 @@ def fused_attention(q, k, v, segment_ids, scale, implementation: str):
     mask = None if segment_ids is None else same_segment_mask(segment_ids)
     impl = "xla" if implementation == "xla" else "cudnn"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl)
+
+
+def attention_specs(q_shape, kv_shape, mesh, rules=DEFAULT_RULES) -> tuple[PartitionSpec, PartitionSpec]:
+    """(q spec, k/v spec) of [B, T, heads, D] arrays on `mesh`: batch by the "batch" rule, heads by "heads" and
+    "kv_heads". Heads are split only when query and key heads split over the same axes, so that each device holds
+    whole GQA groups (query head i reads key head i // (N / K): with N and K split into the same number of
+    contiguous blocks, block j of the queries reads block j of the keys); otherwise both stay whole."""
+    q_spec = logical_to_spec(("batch", None, "heads", None), q_shape, mesh, rules)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), kv_shape, mesh, rules)
+    if q_spec[2] != kv_spec[2]:   # (q and k/v share B, so their batch entries agree)
+        return (PartitionSpec(q_spec[0], None, None, None),) * 2
+    return q_spec, kv_spec
+
+
+def on_mesh_shards(kernel, q, k, v, segment_ids):
+    """`kernel(q, k, v, segment_ids)` run per device under `jax.shard_map` over the current mesh (`jax.set_mesh`),
+    with `attention_specs` layouts and segment ids split like the batch; without a mesh of several devices (or
+    inside a shard_map already), `kernel` on the whole arrays.
+
+    check_vma is off: a pallas_call (splash) declares no per-axis variance of its outputs, so jax could not check
+    them; every output is per-device by construction (no collective inside)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
+        return kernel(q, k, v, segment_ids)
+    q_spec, kv_spec = attention_specs(q.shape, k.shape, mesh)
+    if segment_ids is None:
+        per_device = lambda q, k, v: kernel(q, k, v, None)
+        args, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
+    else:
+        per_device = kernel
+        args, specs = (q, k, v, segment_ids), (q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None))
+    return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+
+
+def fused_attention(q, k, v, segment_ids, scale, implementation: str):
+    """Causal attention [B, T, N, D] by `implementation` (see `attention_path`), per device on the current mesh
+    (`on_mesh_shards`); q, k, v share one head dim."""
+    kernel = functools.partial(local_attention, scale=scale, implementation=implementation)
+    return on_mesh_shards(kernel, q, k, v, segment_ids)
 
 
 def max_logit(q, k, segment_ids, scale, block: int = LOGIT_BLOCK):

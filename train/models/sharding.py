@@ -48,16 +48,16 @@ def logical_to_spec(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> PartitionS
     return PartitionSpec(*spec)
 
 
-def auto_mesh(mesh: Mesh) -> Mesh:
+def with_auto_axes(mesh: Mesh) -> Mesh:
     """The same devices and axis names with Auto axis types: the models rely on GSPMD propagation, not on
     explicit-sharding types (`jax.make_mesh` defaults to Explicit axes in recent jax)."""
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
-    """The `NamedSharding` tree (on `auto_mesh(mesh)`) for an nnx state or abstract state, following each
+    """The `NamedSharding` tree (on `with_auto_axes(mesh)`) for an nnx state or abstract state, following each
     Variable's logical axes."""
-    mesh = auto_mesh(mesh)
+    mesh = with_auto_axes(mesh)
 
     def one(var):
         names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
