@@ -9,9 +9,9 @@ import pytest
 from train.config import ConfigError, DataConfig, config_from_dict, load_config
 from train.data import prepare as prepare_mod, tokenizers
 from train.data import (BUNDLED, ByteTokenizer, Corpus, DataError, TiktokenTokenizer, TokenStream, iterator_state,
-                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, read_documents,
-                        source_files,
-                        restore_iterator, split_documents, unigram_entropy)
+                        load_corpus, load_tokenizer, make_train_iterator, make_val_batches, pack, restore_iterator,
+                        source_files, unigram_entropy)
+from train.data.sources import Unit, iter_pieces
 
 EOS = ByteTokenizer.eos_id
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -222,10 +222,12 @@ def test_bundled_medium_holds_out_whole_documents_of_every_source():
     with lzma.open(BUNDLED["medium"], "rt") as f:
         records = [json.loads(line) for line in f]
     assert {r["source"] for r in records} == {"shakespeare_complete", "state_union", "inaugural", "movie_reviews"}
-    docs = read_documents(BUNDLED["medium"], DataConfig(source="medium"))
-    assert docs == [r["text"] for r in records] and len(docs) > 1000
-    train, val = split_documents(docs, 0.05)
-    assert len(val) == round(0.05 * len(docs)) and len(train) + len(val) == len(docs)
+    pieces = list(iter_pieces(Unit(str(BUNDLED["medium"])), DataConfig(source="medium"), {}))
+    docs = [p.text for p in pieces]  # what the pipeline reads: one document per line, each ending in eos
+    assert docs == [r["text"] for r in records] and len(docs) > 1000 and all(p.eos for p in pieces)
+    train, val = [p.text for p in pieces if not p.val], [p.text for p in pieces if p.val]
+    n = len(docs)  # held out by hash: a binomial(n, 0.05) count, within 4 standard deviations
+    assert abs(len(val) - 0.05 * n) < 4 * (n * 0.05 * 0.95) ** 0.5 and len(train) + len(val) == n
     assert not set(train) & set(val)
     val_sources = {r["source"] for r in records if r["text"] in set(val)}
     assert len(val_sources) == 4, val_sources
@@ -234,8 +236,10 @@ def test_bundled_medium_holds_out_whole_documents_of_every_source():
 def test_bundled_tinyshakespeare_is_the_default():
     cfg = load_config().data  # the README's first command: no config given
     assert source_files(cfg) == [BUNDLED["tinyshakespeare"]] and BUNDLED["tinyshakespeare"].is_file()
-    (doc,) = read_documents(BUNDLED["tinyshakespeare"], cfg)
+    pieces = list(iter_pieces(Unit(str(BUNDLED["tinyshakespeare"])), cfg, {}))
+    doc = "".join(p.text for p in pieces)  # one text file: ~8 KB pieces that rejoin into the whole file
     assert doc.startswith("First Citizen:") and len(doc) == 1_115_394
+    assert sum(p.nbytes for p in pieces) == BUNDLED["tinyshakespeare"].stat().st_size
 
 
 def test_clear_errors(tmp_path):

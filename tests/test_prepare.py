@@ -11,7 +11,7 @@ from train.config import DataConfig, load_config
 from train.data import (ByteTokenizer, DataError, iterator_state, load_corpus, make_train_iterator,
                         restore_iterator)
 from train.data import prepare as prepare_mod
-from train.data.shards import file_sha256
+from train.data.sources import file_sha256
 from train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,6 +24,7 @@ import muon_jax
 from train import data as data_lib
 from train.checkpoint import CheckpointError, Checkpointer
 from train.config import Config, ConfigError
+from train.data.sources import atomic_write
 from train.decode import generate
 from train.metrics import MetricsWriter, metrics_row, progress_line
 from train.mfu import flops_per_token, peak_flops
@@ -98,10 +99,8 @@ def prepare_run_dir(cfg: Config) -> Path:
                 raise ConfigError(
                     f"run_dir {run_dir} holds a run with a different {section!r} ({old.get(section)} vs "
                     f"{new.get(section)}); choose a new run_dir= or restore the original setting")
-    if jax.process_index() == 0:
-        tmp = run_dir / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tmp.replace(saved)  # atomic: a crash never leaves a half-written config
+    if jax.process_index() == 0:  # atomic: a crash never leaves a half-written config
+        atomic_write(saved, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     return run_dir
 
 

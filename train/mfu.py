@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from train.data.sources import atomic_write
 from train.models import DeepseekV3Config, param_counts
 
 # Dense bf16 peak FLOP/s per device, matched on `device_kind` (longest key first). CPU is measured, not listed.
@@ -83,11 +84,8 @@ def cpu_peak_flops(cache: Path | None = None) -> float:
             known = {}  # a torn write: measure again
     if key not in known:
         known[key] = measure_cpu_flops()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            tmp.replace(path)  # atomic: concurrent runs never read half a file
+        if path is not None:  # atomic: concurrent runs never read half a file
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
     return known[key]
 
 

@@ -10,7 +10,7 @@ _MODULES = {
     "corpus": ["Corpus", "batch_iterator", "iterator_state", "load_corpus", "make_train_iterator",
                "make_val_batches", "pack", "restore_iterator", "unigram_entropy"],
     "shards": ["TokenStream", "is_prepared", "read_manifest"],
-    "sources": ["BUNDLED", "CORPORA", "DataError", "read_documents", "source_files", "split_documents"],
+    "sources": ["BUNDLED", "CORPORA", "DataError", "source_files"],
     "tokenizers": ["ByteTokenizer", "HFTokenizer", "TiktokenDirTokenizer", "TiktokenTokenizer", "Tokenizer",
                    "checkpoint_tokenizer", "load_tokenizer"],
 }

@@ -38,7 +38,6 @@ class Corpus:
     tokenizer: Tokenizer
     train: TokenStream   # token stream, documents separated by tokenizer.eos_id
     val: TokenStream     # same for the held-out documents
-    root: Path | None = None  # the prepared directory
 
 
 def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
@@ -59,7 +58,7 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike) -> Corpus:
             log.info("preparing data.source=%s into %s (once; python -m train.prepare_data does this ahead)",
                      cfg.source, root)
         manifest = prepare(cfg, root, tokenizer)
-    return Corpus(tokenizer, TokenStream(root, manifest, "train"), TokenStream(root, manifest, "val"), root)
+    return Corpus(tokenizer, TokenStream(root, manifest, "train"), TokenStream(root, manifest, "val"))
 
 
 def _prepared_tokenizer(cfg: DataConfig, root: Path, manifest: dict, cache: Path) -> Tokenizer:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from train.config import DataConfig
-from train.data.shards import (CHUNK_TOKENS, FORMAT, MANIFEST, WRITER_OPTIONS, encode_record, file_sha256,
-                               is_prepared, read_manifest, token_dtype, tokenizer_record)
-from train.data.sources import (DataError, Unit, atomic_write, files_digest, iter_pieces, plan_units,
+from train.data.shards import (CHUNK_TOKENS, FORMAT, MANIFEST, WRITER_OPTIONS, encode_record, is_prepared,
+                               read_manifest, token_dtype, tokenizer_record)
+from train.data.sources import (DataError, Unit, atomic_write, file_sha256, files_digest, iter_pieces, plan_units,
                                 source_files)
 from train.data.tokenizers import ByteTokenizer
 

@@ -14,7 +14,6 @@ trained or file tokenizer; `unigram.npy` holds the train split's token counts.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zlib
@@ -76,11 +75,6 @@ def encode_record(ids: np.ndarray) -> bytes:
     """A record: the ids' bytes and their CRC-32."""
     raw = ids.tobytes()
     return raw + zlib.crc32(raw).to_bytes(4, "little")
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class TokenStream:

@@ -1,4 +1,5 @@
-"""Where documents come from: bundled corpora, files, directories and globs; reading, splitting, hashing.
+"""Where documents come from: bundled corpora, files, directories and globs; streaming reads, the held-out split,
+hashing and atomic writes.
 
 Text files are one document each; JSONL files hold one per line (`data.text_field`); `.npy` files hold token ids.
 `.xz` / `.gz` are read transparently. Cache keys hash file bytes, never paths, so every checkout shares a cache.
@@ -60,62 +61,12 @@ def is_tokens(files: list[Path], cfg: DataConfig) -> bool:
     return kinds.pop()
 
 
-def open_text(path: Path):
-    """A text handle on a plain, .xz or .gz file."""
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
-    return opener(path, "rt", encoding="utf-8", errors="replace")
-
-
-def read_documents(path: Path, cfg: DataConfig) -> list[str]:
-    """A text file is one document; a JSONL file holds one per line (`cfg.text_field`)."""
-    with open_text(path) as f:
-        if format_of(path, cfg.format) == "text":
-            return [f.read()]
-        docs = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)[cfg.text_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{lineno}: not a JSON object with a {cfg.text_field!r} field ({e}); "
-                                "fix the line or set data.text_field") from e
-            if not isinstance(doc, str):
-                raise DataError(f"{path}:{lineno}: {cfg.text_field!r} is a {type(doc).__name__}, not a string")
-            docs.append(doc)
-        return docs
-
-
-def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, val): `val_fraction` of whole documents held out, or one document's tail cut at a line boundary.
-
-    The held-out set is fixed (independent of the run's seed), so runs that differ only in seed or optimizer are
-    scored on the same documents."""
-    docs = [d for d in docs if d.strip()]
-    if len(docs) == 1:
-        text = docs[0]
-        target = int(len(text) * (1 - val_fraction))
-        cut = text.rfind("\n", 0, target) + 1 or target  # no newline before the target: cut mid-line
-        return [text[:cut]], [text[cut:]]
-    return hold_out(docs, val_fraction)
-
-
 def hold_out(items: list, fraction: float) -> tuple[list, list]:
     """(kept, held out): a fixed `fraction` of the items (at least one, never all), chosen independently of
     any run's seed, so runs that differ only in seed or optimizer are scored on the same held-out items."""
     n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
     held = set(np.random.default_rng(0).permutation(len(items))[:n_val].tolist())
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def split_source(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(train, val) documents of `cfg.source`."""
-    files = source_files(cfg)
-    docs = [d for f in files for d in read_documents(f, cfg)]
-    if not any(d.strip() for d in docs):
-        raise DataError(f"data.source={cfg.source!r} holds no text ({', '.join(map(str, files[:3]))}); "
-                        "point it at non-empty files")
-    return split_documents(docs, cfg.val_fraction)
 
 
 def digest(*parts) -> str:
@@ -126,17 +77,25 @@ def digest(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def files_digest(files: list[Path]) -> str:
-    """A hash of the files' bytes (not their paths or mtimes), so every checkout and host shares a cache."""
+    """A hash of the files' bytes (not their paths or mtimes), so every checkout and host shares a cache: the
+    sha256 of the files' sha256 digests, shortened."""
     h = hashlib.sha256()
     for path in files:
-        with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        h.update(bytes.fromhex(file_sha256(path)))
     return h.hexdigest()[:16]
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file, so concurrent processes sharing a cache never read half a file."""
+    """Write through a temporary file renamed into place (`write(tmp)` writes it), so concurrent processes sharing
+    a cache never read half a file, and a crash leaves the old file or the new one, never a torn one. The one way
+    the trainer writes a file that others read back (tokenizers, shards, manifests, config.yaml, the CPU peak)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     write(tmp)
