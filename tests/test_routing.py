@@ -457,3 +457,18 @@ def test_trainer_routing_equals_default_labels(config):
                                   leaves_by_path(r.matrix_axes).values()):
         if label == "muon":
             assert axes == ((len(shape) - 2,), (len(shape) - 1,))
+
+
+def test_plan_counts_optimizer_state_by_the_inferred_routing():
+    """train.plan: one Muon buffer per matrix, two AdamW buffers for every leaf the routing sends to AdamW."""
+    import yaml
+    from train.models import model_config_from_dict
+    from train.plan import state_bytes
+    model = yaml.safe_load(open("configs/moonlight_tiny.yaml"))["model"]
+    model_cfg = model_config_from_dict({"vocab_size": 64, **model})
+    _, params, _ = trainer_tree(model)
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
+    sizes = [(math.prod(x.shape) * x.dtype.itemsize, label)
+             for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(muon_jax.default_labels(params)))]
+    assert state_bytes(model_cfg, mesh, "muon") == (sum(s for s, _ in sizes),
+                                                    sum(s * (2 if l == "adam" else 1) for s, l in sizes))

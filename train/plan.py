@@ -19,18 +19,17 @@ import argparse
 import itertools
 import json
 import math
-import re
 from pathlib import Path
 
 import jax
 from flax import nnx
 
 from train.config import load_config
+from train.loop import model_routing
 from train.models import (DEFAULT_RULES, DeepseekV3Config, abstract_model, model_config_from_dict,
                           model_config_from_hf, param_counts)
 
 GiB = 2**30
-_ADAM = re.compile(r"embed|lm_head|norm|bias", re.I)  # muon_jax.default_labels' AdamW branch
 
 
 def shard_factor(names, shape, mesh: dict, rules=DEFAULT_RULES) -> int:
@@ -46,14 +45,25 @@ def shard_factor(names, shape, mesh: dict, rules=DEFAULT_RULES) -> int:
     return factor
 
 
-def state_bytes(model_cfg, mesh: dict, optimizer: str) -> tuple[float, float]:
-    """(params bytes, optimizer state bytes) per device."""
+def routing_labels(model_cfg) -> list[str]:
+    """Each param's "muon" / "adam" label (in `nnx.to_flat_state` order) as the trainer routes it: read from the
+    model's loss by `train.loop.model_routing` (abstract: nothing runs)."""
+    graphdef, params, variables = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
+    routing = model_routing(graphdef, params, variables, rows=1, seq_len=8)
+    return [label for _, label in nnx.to_flat_state(routing.labels)]
+
+
+def state_bytes(model_cfg, mesh: dict, optimizer: str, labels: list[str] | None = None) -> tuple[float, float]:
+    """(params bytes, optimizer state bytes) per device; `labels`: `routing_labels(model_cfg)` (computed if None)."""
     params = opt = 0.0
-    for path, var in nnx.to_flat_state(nnx.state(abstract_model(model_cfg), nnx.Param)):
+    flat = nnx.to_flat_state(nnx.state(abstract_model(model_cfg), nnx.Param))
+    if labels is None and optimizer != "adamw":
+        labels = routing_labels(model_cfg)
+    for i, (_, var) in enumerate(flat):
         names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
         size = math.prod(var.shape) * var.dtype.itemsize / shard_factor(names, var.shape, mesh)
         params += size
-        adam = optimizer == "adamw" or len(var.shape) < 2 or _ADAM.search(".".join(map(str, path)))
+        adam = optimizer == "adamw" or labels[i] == "adam"   # Muon: one momentum buffer, AdamW: two
         opt += size * (2 if adam else 1)
     return params, opt
 
@@ -91,14 +101,14 @@ def meshes(devices: int, fixed: dict | None):
 def plan(model_cfg, devices: int, seq: int, global_batch: int, grad_accum: int, optimizer: str,
          fixed_mesh: dict | None = None) -> list[dict]:
     """Per-device memory (bytes) for each candidate mesh, smallest total first."""
-    rows = []
+    rows, labels = [], None if optimizer == "adamw" else routing_labels(model_cfg)
     for mesh in meshes(devices, fixed_mesh):
         if isinstance(model_cfg, DeepseekV3Config) and model_cfg.n_routed_experts % mesh["expert"]:
             continue
         split = mesh["data"] * mesh["fsdp"]
         if global_batch % (split * grad_accum):
             continue
-        params, opt = state_bytes(model_cfg, mesh, optimizer)
+        params, opt = state_bytes(model_cfg, mesh, optimizer, labels)
         act = activation_bytes(model_cfg, global_batch // (split * grad_accum), seq, mesh["tensor"])
         rows.append({"mesh": mesh, "params": params, "grads": params, "optimizer": opt, "activations": act,
                      "total": 2 * params + opt + act})
