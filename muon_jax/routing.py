@@ -31,8 +31,10 @@ an axis of independent matrices (stacked layers). When such a value meets
 whose matmul or convolution produced it without passing through another parameter's matmul or convolution: a
 weight-operand matmul replaces the set by its weight's leaves, every other operation takes the union of its
 operands' sets; integer and boolean values (``top_k`` indices, counts) and ``stop_gradient`` carry none, since
-no gradient flows through them. The leaves in the sets of ``fn``'s outputs are the output layer (LM,
-classifier or regression head, or a tied embedding): AdamW, as Moonlight does.
+no gradient flows through them. A leaf in the sets of ``fn``'s outputs whose results never enter another
+parameter's matmul is the output layer (LM, classifier or regression head, or a tied embedding): AdamW, as
+Moonlight does. (The second condition keeps hidden layers whose results also reach the output by a side path,
+such as a router in an auxiliary balancing loss or a conv in batch statistics, off the list.)
 
 Rules, in order: non-array, integer, boolean and below-2-D leaves, unused leaves, gathered leaves, leaves used in
 ways that disagree (contracted on different axes in two matmuls, or both in a matmul and element-wise), output
@@ -133,6 +135,7 @@ class _Analysis:
 
     def __init__(self, num_leaves: int):
         self.uses: list[set] = [set() for _ in range(num_leaves)]
+        self.feeds: set = set()   # leaves whose matmul results reach another parameter's matmul
 
     # -- uses --------------------------------------------------------------------------------------------------
     def record_matmul(self, val: _Val, contract, batch, free, what: str):
@@ -289,6 +292,8 @@ class _Analysis:
         """A matmul's result: weight operands (data-independent, depending on params) become its producers."""
         weights = [v for v in ins if not v.data and v.deps]
         data = any(v.data for v in ins)
+        if weights:
+            self.feeds.update(*(v.prod for v in ins if v.data))
         prod = (frozenset().union(*(v.deps for v in weights)) if weights
                 else frozenset().union(*(v.prod for v in ins)))
         return [_val({}, data, frozenset().union(*(v.deps for v in ins)), prod)]
@@ -482,7 +487,7 @@ def infer_routing(fn: Callable, params, *args, **kwargs) -> Routing:
     in_vals += [_Val(data=True)] * (len(jaxpr.invars) - len(traced))
     outs = analysis.run(jaxpr, in_vals)
     heads = frozenset().union(*(o.prod for o, v in zip(outs, jaxpr.outvars)
-                                if not isinstance(v, jcore.Var) or _is_float(v)))
+                                if not isinstance(v, jcore.Var) or _is_float(v))) - analysis.feeds
 
     labels, axes, reasons, table = [], [], [], []
     slot = {i: k for k, i in enumerate(traced)}

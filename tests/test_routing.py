@@ -472,3 +472,19 @@ def test_plan_counts_optimizer_state_by_the_inferred_routing():
              for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(muon_jax.default_labels(params)))]
     assert state_bytes(model_cfg, mesh, "muon") == (sum(s for s, _ in sizes),
                                                     sum(s * (2 if l == "adam" else 1) for s, l in sizes))
+
+
+def test_side_outputs_of_hidden_layers_do_not_make_a_head():
+    """A router in an auxiliary balancing loss and a layer whose batch mean is returned still feed later matmuls:
+    hidden, not output layers."""
+    params = {"router": S((8, 4), F32), "experts": S((4, 8, 8), F32), "head": S((8, 5), F32)}
+
+    def fn(p, x):
+        probs = jax.nn.softmax(x @ p["router"], -1)                          # [c, e]
+        h = jnp.einsum("ce,ecf->cf", probs, jnp.einsum("cd,edf->ecf", x, p["experts"]))
+        balance = 4 * jnp.sum(probs.mean(0) ** 2)                            # reaches the loss directly
+        return (h @ p["head"]).mean() + 0.01 * balance, h.mean(0)            # and h's batch statistics
+    got = routing_of(infer_routing(fn, params, S((6, 8), F32)))
+    assert got["['router']"] == ("muon", ((0,), (1,)))
+    assert got["['experts']"] == ("muon", ((1,), (0, 2)))   # E a free output dim of the expert matmul
+    assert got["['head']"] == ("adam", None)
