@@ -16,7 +16,7 @@ from bench.accelerator import build_step
 from train.config import load_config
 from train.models.attention import (LOGIT_BLOCK, attention_path, attention_specs, fused_attention, local_attention,
                                     max_logit, splash_attention)
-from train.runtime import make_mesh
+from train.runtime import make_mesh, on_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 B, N, K, D = 1, 4, 2, 16   # batch, query heads, key heads, head dim of the compiled-memory tests
@@ -153,8 +153,7 @@ def test_sharded_step_gathers_no_qkv(monkeypatch):
         "global_batch=8", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     step, state, batch, model_cfg, _ = build_step(cfg)
     assert model_cfg.attention_head_dim == head_dim
-    with jax.set_mesh(make_mesh(cfg)):
-        hlo = step.lower(state, batch).compile().as_text()
+    hlo = on_mesh(make_mesh(cfg), step.lower)(state, batch).compile().as_text()
     assert ALL_GATHER.search(hlo)              # FSDP's weight gathers: the pattern matches this HLO
     assert gathered_qkv(hlo, t, head_dim) == []
 
