@@ -78,6 +78,12 @@ def slice_of(grid):
     return np.vectorize(lambda d: d.slice_index)(grid)
 
 
+def test_make_mesh_refuses_slices_without_dcn_axes():
+    devices = [StandIn(i, process_index=i // 4, slice_index=i // 4) for i in range(8)]
+    with pytest.raises(ConfigError, match="the devices form 2 TPU slices; set mesh.dcn_data=2"):
+        make_mesh(load_config(None, ["mesh.fsdp=-1", "mesh.data=1"]), devices)
+
+
 def test_hybrid_grid_keeps_each_slice_in_one_block():
     # 2 slices of 4 devices, listed interleaved: only the dcn axis crosses slices
     devices = [StandIn(i, process_index=i % 2, slice_index=i % 2) for i in range(8)]

@@ -96,11 +96,11 @@ def hybrid_device_grid(ici: tuple[int, ...], dcn: tuple[int, ...], devices) -> n
                                                 allow_split_physical_axes=True)
 
 
-def make_mesh(cfg: Config) -> Mesh:
-    """The run's mesh (axes MESH_AXES, Auto axis types), topology-aware: `jax.make_mesh` orders a slice's devices
-    over its ICI torus (rings for the inner axes); with `mesh.dcn_*` > 1, `hybrid_device_grid` tiles one such block
-    per slice. Sizes per `mesh_shape`."""
-    devices = jax.devices()
+def make_mesh(cfg: Config, devices=None) -> Mesh:
+    """The run's mesh (axes MESH_AXES, Auto axis types) over `devices` (default: all), topology-aware:
+    `jax.make_mesh` orders a slice's devices over its ICI torus (rings for the inner axes); with `mesh.dcn_*` > 1,
+    `hybrid_device_grid` tiles one such block per slice. Sizes per `mesh_shape`."""
+    devices = jax.devices() if devices is None else list(devices)
     granule, slices = slice_granules(devices)
     ici, dcn = mesh_shape(cfg.mesh, len(devices), slices, jax.process_count())
     if math.prod(dcn) == 1:
