@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import jax
 
+from train.cli import run_job
 from train.data.chat import render_chat
 from train.decode import TextStream, generate
 from train.pretrained import load_pretrained
@@ -43,8 +44,9 @@ def chat(model, tokenizer, lines: Iterable[str], *, template: str | None = None,
     return messages
 
 
-def main(argv=None):
-    """Load PATH, then continue --prompt or chat over stdin."""
+def main(argv=None) -> int:
+    """Load PATH, then continue --prompt or chat over stdin; a user error (e.g. PATH is no model) prints one line
+    and exits 2."""
     parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n")[0])
     parser.add_argument("path", help="Hugging Face checkpoint directory or trainer run directory")
     parser.add_argument("--prompt", default="", help="text to continue (ignored with --chat)")
@@ -54,21 +56,25 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat", action="store_true", help="read user turns from stdin, keep the history")
     args = parser.parse_args(argv)
-    model, tokenizer = load_pretrained(args.path)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  rng=jax.random.key(args.seed))
-    if args.chat:
-        print("chat: one user turn per line, end with Ctrl-D", file=sys.stderr)
-        chat(model, tokenizer, sys.stdin, template=getattr(tokenizer, "chat_template", None), **kwargs)
-        return
-    if not args.prompt:
+    if not args.chat and not args.prompt:
         parser.error("--prompt is required without --chat")
-    prompt = tokenizer.encode(args.prompt, add_special_tokens=True)  # e.g. a Llama bos
-    stream = TextStream(tokenizer, sys.stdout, prefix=prompt)
-    sys.stdout.write(stream.text)
-    generate(model, prompt, eos_id=tokenizer.stop_ids, on_token=stream, **kwargs)
-    sys.stdout.write("\n")
+
+    def job():
+        model, tokenizer = load_pretrained(args.path)
+        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      rng=jax.random.key(args.seed))
+        if args.chat:
+            print("chat: one user turn per line, end with Ctrl-D", file=sys.stderr)
+            chat(model, tokenizer, sys.stdin, template=getattr(tokenizer, "chat_template", None), **kwargs)
+            return
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=True)  # e.g. a Llama bos
+        stream = TextStream(tokenizer, sys.stdout, prefix=prompt)
+        sys.stdout.write(stream.text)
+        generate(model, prompt, eos_id=tokenizer.stop_ids, on_token=stream, **kwargs)
+        sys.stdout.write("\n")
+
+    return run_job(job)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

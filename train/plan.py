@@ -19,11 +19,13 @@ import argparse
 import itertools
 import json
 import math
+import sys
 from pathlib import Path
 
 import jax
 from flax import nnx
 
+from train.cli import run_job
 from train.config import load_config
 from train.loop import model_routing
 from train.models import (DEFAULT_RULES, DeepseekV3Config, abstract_model, model_config_from_dict,
@@ -146,8 +148,8 @@ def report(model_cfg, rows, devices: int, memory_gib: float, seq: int, batch: in
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    """Parse the arguments and print the plan."""
+def main(argv=None) -> int:
+    """Parse the arguments and print the plan; a user error (bad config or override) prints one line, exit 2."""
     parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="trainer YAML, or a Hugging Face checkpoint dir / config.json")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for a YAML config")
@@ -158,11 +160,16 @@ def main(argv=None) -> None:
     parser.add_argument("--mesh", default=None, help="only this mesh, e.g. data=1,fsdp=8,expert=8")
     args = parser.parse_intermixed_args(argv)
     fixed = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.mesh.split(","))) if args.mesh else None
-    model_cfg, seq, batch, accum, optimizer = load_job(args.config, args.overrides, args.seq_len, args.global_batch)
-    rows = plan(model_cfg, args.devices, seq, batch, accum, optimizer, fixed)
-    print(report(model_cfg, rows, args.devices, args.device_memory, seq, batch))
+
+    def job():
+        model_cfg, seq, batch, accum, optimizer = load_job(args.config, args.overrides, args.seq_len,
+                                                           args.global_batch)
+        rows = plan(model_cfg, args.devices, seq, batch, accum, optimizer, fixed)
+        print(report(model_cfg, rows, args.devices, args.device_memory, seq, batch))
+
+    return run_job(job)
 
 
 if __name__ == "__main__":
     with jax.default_device(jax.devices("cpu")[0]):
-        main()
+        sys.exit(main())
