@@ -87,7 +87,7 @@ def test_enumerated_option_typo_names_key_value_and_closest(key, typo, closest):
 
 def test_rope_type_typo_in_a_nested_mapping():
     with pytest.raises(ConfigError, match=r"model.rope_scaling.rope_type='yarnn' is not one of .*did you mean 'yarn'"):
-        load_config(CONFIGS / "tiny.yaml", ["model.rope_scaling={type: yarnn, factor: 2}"])
+        load_config(CONFIGS / "tiny.yaml", ["model.rope_scaling={rope_type: yarnn, factor: 2}"])
 
 
 def test_every_enumerated_field_of_the_config_is_covered_by_the_typos():

@@ -18,7 +18,7 @@ import importlib.resources
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -274,8 +274,8 @@ def _check_model_choices(model: dict) -> None:
         if key in model:
             check_choice(f"model.{key}", model[key], options)
     scaling = model.get("rope_scaling")
-    if isinstance(scaling, dict):  # transformers' old name for rope_type is "type"
-        check_choice("model.rope_scaling.rope_type", scaling.get("rope_type", scaling.get("type", "default")), RopeType)
+    if isinstance(scaling, dict):
+        check_choice("model.rope_scaling.rope_type", scaling.get("rope_type", "default"), RopeType)
 
 
 def _validate(c: Config) -> Config:

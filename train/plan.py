@@ -25,8 +25,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from train.cli import run_job
-from train.config import load_config
+from train.cli import load_checked_config, run_job
 from train.loop import model_routing
 from train.models import (DEFAULT_RULES, DeepseekV3Config, abstract_model, model_config_from_dict,
                           model_config_from_hf, param_counts)
@@ -124,7 +123,7 @@ def load_job(path: str, overrides: list[str], seq: int | None, batch: int | None
         hf = json.loads((p / "config.json" if p.is_dir() else p).read_text())
         model_cfg = model_config_from_hf(hf, dtype="float32", param_dtype="float32", remat="full")  # as train.sft
         return model_cfg, seq or 4096, batch or 8, 1, "muon"
-    cfg = load_config(p, overrides)
+    cfg = load_checked_config(p, overrides)  # a bad model key is one line, as in the trainer
     model_cfg = model_config_from_dict({"vocab_size": 50257, **cfg.model})
     return model_cfg, seq or cfg.seq_len, batch or cfg.global_batch, cfg.grad_accum, cfg.optimizer.name
 
