@@ -117,24 +117,31 @@ def test_splash_under_shard_map_equals_xla_on_8_devices():
     assert gathered_qkv(no_mesh, t, d)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1])   # 1 key head cannot be split over tensor=2: heads stay whole
+@pytest.mark.parametrize("kv_heads", [2, 1])   # 1 key head for 2 tensor devices: each slices it from whole k/v
 @pytest.mark.parametrize("packed", [True, False])
 def test_shard_map_wrapper_equals_one_device(kv_heads, packed):
     mesh = auto_axes_mesh((4, 2), ("fsdp", "tensor"))
-    q, k, v = (jnp.concatenate([x, -x]) for x in qkv(24, kv=kv_heads))
+    q, k, v = (jnp.concatenate([x, 0.5 * x[::-1]]) for x in qkv(24, kv=kv_heads))
     seg = jnp.concatenate([packed_segments(24)] * 2)
+    loss = lambda f: lambda q, k, v, s: jnp.sum(jnp.sin(f(q, k, v, s if packed else None, 0.3, "xla")))
     args = sharded_qkv(mesh, q, k, v, seg)
     with jax.set_mesh(mesh):
-        out = jax.jit(lambda q, k, v, s: fused_attention(q, k, v, s if packed else None, 0.3, "xla"))(*args)
-    ref = local_attention(q, k, v, seg if packed else None, 0.3, "xla")
-    np.testing.assert_allclose(out, ref, atol=1e-5)   # the same ops per device; float32 summation order
+        value, grads = jax.jit(jax.value_and_grad(loss(fused_attention), argnums=(0, 1, 2)))(*args)
+    ref_value, ref_grads = jax.value_and_grad(loss(local_attention), argnums=(0, 1, 2))(q, k, v, seg)
+    # the same ops per device; float32 summation order
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for got, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_attention_specs_keep_gqa_groups_whole():
     mesh = auto_axes_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     assert attention_specs((4, 8, 4, 16), (4, 8, 2, 16), mesh) == (
         P(("data", "fsdp"), None, "tensor", None), P(("data", "fsdp"), None, "tensor", None))
-    # 3 key heads do not split in 2: neither do the query heads (a device needs each of its groups' keys)
+    # 1 key head for 2 tensor devices: query heads split, k/v whole (each device slices its key head)
+    assert attention_specs((4, 8, 4, 16), (4, 8, 1, 16), mesh) == (
+        P(("data", "fsdp"), None, "tensor", None), P(("data", "fsdp"), None, None, None))
+    # 3 key heads neither split in 2 nor divide 2: heads stay whole (a device needs each of its groups' keys)
     assert attention_specs((4, 8, 6, 16), (4, 8, 3, 16), mesh) == (P(("data", "fsdp"), None, None, None),) * 2
     # a batch of 2 does not split over data x fsdp = 4; tensor still splits the heads
     assert attention_specs((2, 8, 4, 16), (2, 8, 2, 16), mesh) == (P(None, None, "tensor", None),) * 2

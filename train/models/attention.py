@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 
 import jax
@@ -115,16 +116,26 @@ def local_attention(q, k, v, segment_ids, scale, implementation: str):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl)
 
 
+def axes_size(mesh, axes) -> int:
+    """Devices along a PartitionSpec entry (None, one mesh axis or a tuple of them)."""
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def attention_specs(q_shape, kv_shape, mesh, rules=DEFAULT_RULES) -> tuple[PartitionSpec, PartitionSpec]:
     """(q spec, k/v spec) of [B, T, heads, D] arrays on `mesh`: batch by the "batch" rule, heads by "heads" and
-    "kv_heads". Heads are split only when query and key heads split over the same axes, so that each device holds
-    whole GQA groups (query head i reads key head i // (N / K): with N and K split into the same number of
-    contiguous blocks, block j of the queries reads block j of the keys); otherwise both stay whole."""
+    "kv_heads". Query head i reads key head i // G (G = N / K), so a device must hold the key heads of its query
+    heads: N and K split into the same number of contiguous blocks (block j of the queries reads block j of the
+    keys); or, when fewer key heads than devices along the heads axis divide that count, query heads split and k/v
+    whole, each device then using its one key head (`on_mesh_shards`); otherwise heads stay whole."""
     q_spec = logical_to_spec(("batch", None, "heads", None), q_shape, mesh, rules)
     kv_spec = logical_to_spec(("batch", None, "kv_heads", None), kv_shape, mesh, rules)
-    if q_spec[2] != kv_spec[2]:   # (q and k/v share B, so their batch entries agree)
-        return (PartitionSpec(q_spec[0], None, None, None),) * 2
-    return q_spec, kv_spec
+    if q_spec[2] == kv_spec[2]:
+        return q_spec, kv_spec
+    whole = PartitionSpec(q_spec[0], None, None, None)   # (q and k/v share B, so their batch entries agree)
+    if q_spec[2] is not None and kv_spec[2] is None and axes_size(mesh, q_spec[2]) % kv_shape[2] == 0:
+        return q_spec, whole
+    return whole, whole
 
 
 def on_mesh_shards(kernel, q, k, v, segment_ids):
@@ -132,19 +143,30 @@ def on_mesh_shards(kernel, q, k, v, segment_ids):
     with `attention_specs` layouts and segment ids split like the batch; without a mesh of several devices (or
     inside a shard_map already), `kernel` on the whole arrays.
 
+    With query heads split and k/v whole (K smaller than the heads axis), a device's query heads all read one key
+    head, number (device index along the heads axes) // (devices per key head): it slices that head out.
     check_vma is off: a pallas_call (splash) declares no per-axis variance of its outputs, so jax could not check
-    them; every output is per-device by construction (no collective inside)."""
+    them; every output is per-device by construction (no collective inside; the gradient of whole k/v is summed
+    over the heads axes by shard_map's transpose)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
         return kernel(q, k, v, segment_ids)
     q_spec, kv_spec = attention_specs(q.shape, k.shape, mesh)
+    per_device = kernel
+    if q_spec[2] is not None and kv_spec[2] is None:
+        devices_per_head = axes_size(mesh, q_spec[2]) // k.shape[2]
+
+        def per_device(q, k, v, segment_ids):
+            head = jax.lax.axis_index(q_spec[2]) // devices_per_head
+            own = lambda a: jax.lax.dynamic_slice_in_dim(a, head, 1, axis=2)
+            return kernel(q, own(k), own(v), segment_ids)
     if segment_ids is None:
-        per_device = lambda q, k, v: kernel(q, k, v, None)
         args, specs = (q, k, v), (q_spec, kv_spec, kv_spec)
+        run = lambda q, k, v: per_device(q, k, v, None)
     else:
-        per_device = kernel
         args, specs = (q, k, v, segment_ids), (q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None))
-    return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+        run = per_device
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def fused_attention(q, k, v, segment_ids, scale, implementation: str):
