@@ -136,6 +136,7 @@ class _Analysis:
     def __init__(self, num_leaves: int):
         self.uses: list[set] = [set() for _ in range(num_leaves)]
         self.feeds: set = set()   # leaves whose matmul results reach another parameter's matmul
+        self.ops: list[set] = [set() for _ in range(num_leaves)]  # which matmul primitives each leaf weighs
 
     # -- uses --------------------------------------------------------------------------------------------------
     def record_matmul(self, val: _Val, contract, batch, free, what: str):
@@ -151,6 +152,7 @@ class _Analysis:
                 self.uses[leaf].add(("elementwise", f"broadcast into a {what} operand"))
             else:
                 self.uses[leaf].add(("matmul", (tuple(sorted(rows)), tuple(sorted(cols)))))
+                self.ops[leaf].add(what)
 
     def record(self, val: _Val, kind: str, detail: str):
         for leaf, _ in val.prov:
@@ -359,7 +361,7 @@ def _is_array(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _label(shape, dtype, uses: set, head: bool) -> tuple[str, Optional[tuple], str]:
+def _label(shape, dtype, uses: set, head: bool, ops: set) -> tuple[str, Optional[tuple], str]:
     """(label, matrix axes, reason) of one leaf from its uses."""
     if dtype is None:
         return ADAM, None, "not an array"
@@ -384,10 +386,12 @@ def _label(shape, dtype, uses: set, head: bool) -> tuple[str, Optional[tuple], s
         return ADAM, None, f"disagreeing uses: matmuls view it differently ({described})"
     if head:
         return ADAM, None, "output layer: its matmul reaches the output"
+    if not views and kinds == {"elementwise"}:
+        return ADAM, None, f"used only element-wise ({details('elementwise')})"
     if not views:
-        return ADAM, None, "used only element-wise (" + details("elementwise") + details("other") + ")"
+        return ADAM, None, f"not a matmul weight ({'; '.join(d for d in (details('other'), details('elementwise')) if d)})"
     (rows, cols), = views
-    return MUON, (rows, cols), "matmul operand"
+    return MUON, (rows, cols), f"weight of {' and '.join(sorted(ops))}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -495,7 +499,8 @@ def infer_routing(fn: Callable, params, *args, **kwargs) -> Routing:
         shape = tuple(np.shape(leaf)) if i in slot else ()
         dtype = leaf.dtype if i in slot else None
         uses = analysis.uses[slot[i]] if i in slot else set()
-        label, pair, reason = _label(shape, dtype, uses, i in slot and slot[i] in heads)
+        label, pair, reason = _label(shape, dtype, uses, i in slot and slot[i] in heads,
+                                     analysis.ops[slot[i]] if i in slot else set())
         labels.append(label)
         axes.append(pair)
         reasons.append(reason)

@@ -488,3 +488,20 @@ def test_side_outputs_of_hidden_layers_do_not_make_a_head():
     assert got["['router']"] == ("muon", ((0,), (1,)))
     assert got["['experts']"] == ("muon", ((1,), (0, 2)))   # E a free output dim of the expert matmul
     assert got["['head']"] == ("adam", None)
+
+
+def test_readme_examples_print_their_tables():
+    """README "Using muon_jax with your own model": each example runs and prints the table shown under it."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Using muon_jax with your own model")[1].split("\n## ")[0]
+    examples = re.findall(r"```python\n(.*?)```\n```\n(.*?)```", section, re.S)
+    assert len(examples) == 4
+    for code, table in examples:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "README.md", "exec"), {})
+        assert printed.getvalue().strip() == table.strip(), code.splitlines()[0]
