@@ -274,7 +274,7 @@ class Logger:
                                       flops_per_token(run.model_cfg, cfg.seq_len) / (peak * run.mesh.size))
         # without MuonClip the step computes no max logit: measure it here, at logging steps only
         micro_batch = cfg.global_batch // cfg.grad_accum
-        self.probe = None if cfg.muon_clip.enabled else make_logit_probe(run.graphdef, micro_batch)
+        self.probe = None if cfg.muon_clip.enabled else on_mesh(run.mesh, make_logit_probe(run.graphdef, micro_batch))
         self.t_log = self.t_start = time.perf_counter()
         self.losses, self.last_val = [], None
 
