@@ -16,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from muon_jax.placement import Group, Layout, LeafPlan, MeshAxes, Placement, plan_leaves
+from muon_jax.views import MatrixView
 
 try:  # removed in jax 0.11; there the results are tied to their parameters by spec (param_specs) only
     from jax.experimental.shard_alike import shard_alike
@@ -339,34 +340,44 @@ def placed(mats: list[jax.Array], ns: Callable, mesh: Mesh, ns_axes: tuple[str, 
     return results
 
 
-def orthogonalize_sharded(mats: list[jax.Array], ns: Callable, *, mesh: Mesh, ns_axes: tuple[str, ...],
-                          ns_mode: str, anchors: Optional[list[jax.Array]] = None,
+def orthogonalize_sharded(leaves: list[jax.Array], views: list[MatrixView], ns: Callable, *, mesh: Mesh,
+                          ns_axes: tuple[str, ...], ns_mode: str, anchors: Optional[list[jax.Array]] = None,
                           specs: Optional[Sequence[Optional[P]]] = None, ns_dtype=None,
                           ns_input: Optional[Callable] = None) -> list[jax.Array]:
-    """Applies ``ns`` (NS over the last two axes) to every array of ``mats`` (matrix axes last, any
-    leading batch axes), distributed over ``ns_axes`` of ``mesh`` as ``ns_mode`` says.
+    """Applies ``ns`` (NS over the last two axes) to the matrices of every leaf, each seen through its
+    :class:`~muon_jax.views.MatrixView` (``[*batch, A, B]``: rows and columns moved last and merged), distributed
+    over ``ns_axes`` of ``mesh`` as ``ns_mode`` says; returns the leaves' results in their own shapes.
 
-    ``anchors``: arrays of the same shapes whose layout the results must take, normally the
+    ``anchors``: arrays of the leaves' shapes whose layout the results must take, normally the
     parameters (jit inputs, so their layout is fixed); see docs/distributed.md. ``specs``: the
-    partition spec of each of ``mats`` where known (read from the types on ``Explicit`` meshes).
-    ``ns_dtype``: the dtype ``ns`` computes in, if known (results then travel back in it). ``ns_input``:
-    ``M, ‖M‖_F → X_0``, NS's normalised input, with ``ns(X_0, normalized=True)`` taking it from there; if
-    given, ``"placed"`` sends ``X_0`` in ``ns_dtype`` rather than ``M``.
+    partition spec of each leaf where known (read from the types on ``Explicit`` meshes); a view's spec
+    is :meth:`~muon_jax.views.MatrixView.spec` (a merged axis group sharded beyond its first member is
+    resharded). ``ns_dtype``: the dtype ``ns`` computes in, if known (results then travel back in it).
+    ``ns_input``: ``M, ‖M‖_F → X_0``, NS's normalised input, with ``ns(X_0, normalized=True)`` taking it from
+    there; if given, ``"placed"`` sends ``X_0`` in ``ns_dtype`` rather than ``M``.
     """
     auto = _auto_axes_mesh(mesh)
     explicit = any(t != AxisType.Auto for t in mesh.axis_types)
     if explicit:
-        specs = [jax.typeof(m).sharding.spec for m in mats]
-    specs = [None] * len(mats) if specs is None else list(specs)
+        specs = [jax.typeof(x).sharding.spec for x in leaves]
+    specs = [None] * len(leaves) if specs is None else list(specs)
+    mat_specs = [v.spec(s) for v, s in zip(views, specs)]
 
-    def run(mats, anchors):
+    def run(leaves, anchors):
+        mats = [v.to_matrices(x) for v, x in zip(views, leaves)]
+        mat_anchors = None if anchors is None else [v.to_matrices(a) for v, a in zip(views, anchors)]
         if ns_mode == "placed":
-            return placed(mats, ns, auto, ns_axes, specs, anchors, ns_dtype, ns_input)
-        out = gathered(mats, ns, auto) if ns_mode == "gather" else balanced(mats, ns, auto, ns_axes)
-        return [tie(o, None if anchors is None else anchors[i], specs[i], auto) for i, o in enumerate(out)]
+            out = placed(mats, ns, auto, ns_axes, mat_specs, mat_anchors, ns_dtype, ns_input)
+        else:
+            out = gathered(mats, ns, auto) if ns_mode == "gather" else balanced(mats, ns, auto, ns_axes)
+            out = [tie(o, None if mat_anchors is None else mat_anchors[i], mat_specs[i], auto)
+                   for i, o in enumerate(out)]
+        # A view that moves or merges axes comes back in the leaf's own layout (its spec or its anchor).
+        return [o if v.is_identity else tie(v.from_matrices(o), None if anchors is None else anchors[i], specs[i], auto)
+                for i, (o, v) in enumerate(zip(out, views))]
 
     if explicit:
         # Explicit axes: the shardings are in the types; compute in Auto axes and come back to them.
-        return jax.sharding.auto_axes(lambda ms: run(ms, None),
-                                      out_sharding=[jax.typeof(m).sharding for m in mats])(mats)
-    return run(mats, anchors)
+        return jax.sharding.auto_axes(lambda xs: run(xs, None),
+                                      out_sharding=[jax.typeof(x).sharding for x in leaves])(leaves)
+    return run(leaves, anchors)

@@ -2,45 +2,144 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from muon_jax.distributed import NsAxis
-from muon_jax.newton_schulz import CoeffsSpec, require_matrix
+from muon_jax.newton_schulz import CoeffsSpec
 from muon_jax.transforms import MatrixAxes, orthogonalize, scale_by_momentum, scale_by_shape
+from muon_jax.views import aligned, is_masked, where
 
 LABELS = ("muon", "adam")
 _ADAM_PATH = re.compile(r"embed|lm_head|norm|bias", re.IGNORECASE)
+# Names of embeddings and output heads that _ADAM_PATH misses (GPT-2, Llama, classifiers): default_labels
+# sends them to Muon, and warns.
+_HEAD_NAMES = frozenset({"wte", "wpe", "tok_embeddings", "output", "head", "classifier"})
+_warned: set = set()
+
+
+def _looks_like_head(path) -> bool:
+    return any(t.lower() in _HEAD_NAMES for t in re.split(r"[^A-Za-z0-9_]+", jax.tree_util.keystr(path)))
+
+
+def _looks_like_conv(shape) -> bool:
+    """A 4-D leaf whose first two axes are an odd k × k window (k ≤ 7): a conv kernel in HWIO layout."""
+    return len(shape) == 4 and shape[0] == shape[1] and shape[0] % 2 == 1 and shape[0] <= 7
 
 
 def default_labels(params) -> Any:
-    """The default routing: ``"adam"`` for leaves with ndim < 2 (norms, biases, scalars) and for any
-    leaf whose path mentions ``embed``, ``lm_head``, ``norm`` or ``bias`` (case-insensitive: the last
-    two catch layer-stacked ``[L, d]`` norm scales and biases); ``"muon"`` for every other
-    leaf, whose last two axes are the matrix and whose leading axes (stacked layers, experts) index
-    independent matrices. (``optax.contrib.muon`` sends 3-D leaves to Adam unless told otherwise.)"""
+    """The default routing, by name and shape alone: a leaf goes to ``"adam"`` if it has fewer than 2 axes
+    (norms, biases, scalars) or its path mentions ``embed``, ``lm_head``, ``norm`` or ``bias``
+    (case-insensitive: the last two catch layer-stacked ``[L, d]`` norm scales and biases), and to
+    ``"muon"`` otherwise, its last two axes the matrix and its leading axes (stacked layers, experts)
+    independent matrices. (``optax.contrib.muon`` sends 3-D leaves to Adam unless told otherwise.)
+
+    It warns once (``warnings.warn``) when it sends to Muon a leaf whose path names ``wte``, ``wpe``,
+    ``tok_embeddings``, ``output``, ``head`` or ``classifier`` (an embedding or output head under another
+    name), or a 4-D leaf shaped like a ``k × k`` conv kernel, whose matrix is not its last two axes. For
+    those, pass ``labels`` and ``matrix_axes`` (:func:`muon_jax.infer_routing` reads both from the model)."""
+    doubtful = []
+
     def label(path, x):
-        adam = jnp.ndim(x) < 2 or _ADAM_PATH.search(jax.tree_util.keystr(path))
-        return "adam" if adam else "muon"
-    return jax.tree_util.tree_map_with_path(label, params)
+        shape = jnp.shape(x)
+        if len(shape) < 2 or _ADAM_PATH.search(jax.tree_util.keystr(path)):
+            return "adam"
+        if _looks_like_head(path) or _looks_like_conv(shape):
+            doubtful.append(f"{where(path)} {tuple(shape)}")
+        return "muon"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    key = tuple(doubtful)
+    if doubtful and key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"muon_jax.default_labels sends to Muon {len(doubtful)} leaves named or shaped like an embedding, an "
+            f"output head or a conv kernel: {', '.join(doubtful)}. If they are, pass labels= and matrix_axes= "
+            "(muon_jax.infer_routing(loss_fn, params, batch) reads both from the model).", stacklevel=2)
+    return labels
 
 
-def _checked_labels(labels) -> Callable[[Any], Any]:
-    """Wraps the user's labels (None, a pytree or a callable) into a validating label function."""
-    def label_fn(params):
-        tree = default_labels(params) if labels is None else labels(params) if callable(labels) else labels
-        def check(path, label, x):
-            where = jax.tree_util.keystr(path) or "<root>"
-            if label not in LABELS:
-                raise ValueError(f"Label {label!r} at {where} is not one of {LABELS}.")
-            if label == "muon":
-                require_matrix(jnp.shape(x), f"The leaf at {where}, labelled 'muon',", "Label it 'adam'.")
-            return label
-        return jax.tree_util.tree_map_with_path(check, tree, params)
-    return label_fn
+def _label_list(labels, params) -> list:
+    """The user's labels (None, a pytree or a callable) as one valid label per leaf of ``params``."""
+    tree = default_labels(params) if labels is None else labels(params) if callable(labels) else labels
+    out = aligned(tree, params, "labels", static_arg="labels")
+    for (path, _), label in zip(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0], out):
+        if not (isinstance(label, str) and label in LABELS):
+            hint = "" if isinstance(label, str) else (
+                " (Under optax.inject_hyperparams a callable labels is called as a schedule: pass "
+                "static_args=('labels',).)")
+            raise ValueError(f"Label {label!r} at {where(path)} is not one of {LABELS}.{hint}")
+    return out
+
+
+def _dtype(x):
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def _is_integer(x) -> bool:
+    """Integer and boolean leaves (step counters, masks, RNG key data) are never updated."""
+    dtype = _dtype(x)
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+
+
+def _check_gradients(updates, params) -> None:
+    """One line naming the leaf for gradients that do not fit the parameters or are float0."""
+    entries = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_masked)[0]
+    for path, g in entries:
+        if _dtype(g) == jax.dtypes.float0:
+            raise ValueError(
+                f"The gradient at {where(path)} is float0 (jax.grad(..., allow_int=True) of an integer leaf). "
+                "Pass zeros of the parameter's dtype there, e.g. jax.tree.map(lambda g, p: jnp.zeros_like(p) if "
+                "g.dtype == jax.dtypes.float0 else g, grads, params).")
+    if params is None:
+        return
+    grads = aligned(updates, params, "gradients")
+    for (path, p), g in zip(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0], grads):
+        if jnp.shape(g) != jnp.shape(p):
+            raise ValueError(f"The gradient at {where(path)} has shape {tuple(jnp.shape(g))} but its parameter has "
+                             f"shape {tuple(jnp.shape(p))}: pass gradients shaped like the parameters.")
+
+
+def _concrete(value) -> Optional[np.ndarray]:
+    """``value`` as a numpy array, or None when it is traced (a hyperparameter of optax.inject_hyperparams
+    inside jit: it was checked where it was concrete)."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_learning_rate(name: str, lr) -> None:
+    if callable(lr):
+        return
+    value = None if lr is None or isinstance(lr, (str, bytes, bool)) else _concrete(lr)
+    if lr is None or isinstance(lr, (str, bytes, bool)) or (
+            value is not None and (value.ndim or not np.issubdtype(value.dtype, np.number))):
+        raise ValueError(f"{name}={lr!r} is not a learning rate: pass a float such as 2e-2 or an optax schedule "
+                         "(a callable step -> rate).")
+    if value is not None and value < 0:
+        raise ValueError(f"{name}={lr!r} is negative, so the step would ascend the loss: pass a positive float or "
+                         "an optax schedule.")
+
+
+def _check_hyperparams(learning_rate, adam_learning_rate, momentum, ns_steps) -> None:
+    """Bad hyperparameters fail at construction with one line; traced ones (inject_hyperparams under jit) are
+    checked where they are concrete (init)."""
+    _check_learning_rate("learning_rate", learning_rate)
+    if adam_learning_rate is not None:
+        _check_learning_rate("adam_learning_rate", adam_learning_rate)
+    mu = _concrete(momentum)
+    if mu is not None and not (mu.ndim == 0 and np.issubdtype(mu.dtype, np.number) and 0 <= mu < 1):
+        raise ValueError(f"momentum={momentum!r} is outside [0, 1): the buffer would not decay. Use e.g. 0.95.")
+    steps = _concrete(ns_steps)
+    if steps is not None and not (steps.ndim == 0 and np.issubdtype(steps.dtype, np.integer) and steps >= 1):
+        raise ValueError(f"ns_steps={ns_steps!r} must be an integer of at least 1 (Newton–Schulz iterations; "
+                         "Moonlight uses 5).")
 
 
 def muon(
@@ -122,6 +221,7 @@ def muon(
     Returns:
       An ``optax.GradientTransformation``.
     """
+    _check_hyperparams(learning_rate, adam_learning_rate, momentum, ns_steps)
     if ns_dtype is not None and isinstance(ns_dtype, jax.Array):
         raise ValueError(
             "ns_dtype arrived as an array: optax.inject_hyperparams treats callables such as "
@@ -141,4 +241,31 @@ def muon(
         weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay,
         mu_dtype=mu_dtype,
     )
-    return optax.partition({"muon": muon_tx, "adam": adam_tx}, _checked_labels(labels))
+    branches = {"muon": muon_tx, "adam": adam_tx}
+
+    def partitioned(tree, params):
+        """The partition for this call (labels from ``params``' leaves, which fit ``tree``'s), with
+        integer leaves masked out of both branches; and ``tree`` and ``params`` so masked."""
+        leaves, treedef = jax.tree.flatten(tree, is_leaf=is_masked)
+        frozen = [_is_integer(p) for p in jax.tree.leaves(params, is_leaf=is_masked)]
+        names = ["adam" if f else label for f, label in zip(frozen, _label_list(labels, params))]
+        mask = lambda t: jax.tree.unflatten(  # noqa: E731
+            jax.tree.structure(t, is_leaf=is_masked),
+            [optax.MaskedNode() if f else x for f, x in zip(frozen, jax.tree.leaves(t, is_leaf=is_masked))])
+        return optax.partition(branches, jax.tree.unflatten(treedef, names)), mask, frozen
+
+    def init_fn(params):
+        tx, mask, _ = partitioned(params, params)
+        return tx.init(mask(params))
+
+    def update_fn(updates, state, params=None):
+        _check_gradients(updates, params)
+        tx, mask, frozen = partitioned(updates, updates if params is None else params)
+        out, state = tx.update(mask(updates), state, None if params is None else mask(params))
+        leaves, treedef = jax.tree.flatten(out, is_leaf=is_masked)
+        # Integer leaves get zeros (of the gradient's dtype): no step, no weight decay truncated into them.
+        grads = jax.tree.leaves(updates, is_leaf=is_masked)
+        return jax.tree.unflatten(treedef, [jnp.zeros_like(g) if f else u
+                                            for f, u, g in zip(frozen, leaves, grads)]), state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -234,7 +234,7 @@ def ns_input(m, norm, *, coeffs, eps, dtype):
     return (m.astype(jnp.float32) / (norm_scale * norm + eps)).astype(dtype)
 
 
-def newton_schulz_iterate(x, *, steps, coeffs, eps, dtype, method="standard", restarts=None, normalized=False):
+def newton_schulz_iterate(x, *, steps, coeffs, eps, dtype, method="auto", restarts=None, normalized=False):
     """Unjitted body of :func:`newton_schulz`, for use inside a caller's trace; ``normalized``: ``x`` is
     already :func:`ns_input`'s ``X_0``.
 
@@ -279,7 +279,7 @@ def newton_schulz(
     coeffs: CoeffsSpec = "moonlight",
     eps: float = 1e-7,
     dtype=jnp.bfloat16,
-    method: str = "standard",
+    method: str = "auto",
     restarts: Optional[tuple[int, ...]] = None,
 ) -> jax.Array:
     r"""Orthogonalises the last two axes of ``x`` (all leading axes are independent matrices).
@@ -308,7 +308,8 @@ def newton_schulz(
         Must be hashable (a str or tuples) since it is a static argument.
       eps: added to the Frobenius norm, so a zero matrix maps to zero.
       dtype: dtype of the iteration.
-      method: ``"standard"``, ``"gram"``, or ``"auto"``: gram for a float32 iteration where ``max/min``
+      method: ``"standard"``, ``"gram"``, or ``"auto"`` (the default, as in :func:`muon_jax.muon`): gram
+        for a float32 iteration where ``max/min``
         of the matrix shape exceeds :data:`GRAM_MIN_ASPECT` (the ratio above which it was faster on
         CPU), standard otherwise (in half precision Gram NS was less accurate at equal cost).
       restarts: Gram NS only: the iterations at which ``X ← Q X`` and ``R ← X Xᵀ`` are re-formed

@@ -6,9 +6,12 @@ with ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``.
 Matrix axes. Every leaf these transforms see is treated as a batch of matrices: by default the last
 two axes are the matrix ``[A, B]`` (``A`` = fan-in, ``B`` = fan-out for ``y = x @ W``) and every leading
 axis (stacked layers, experts) indexes independent matrices. ``matrix_axes`` overrides this with a
-pytree of ``(row_axis, col_axis)`` pairs matching the updates (``None`` entries keep the default), or a
-callable that returns such a pytree from the updates it is given. Inside :func:`muon_jax.muon` the
-updates are ``optax.partition``-masked, so non-Muon leaves appear as ``optax.MaskedNode``.
+pytree like the updates whose entries are ``(rows, cols)`` pairs, each an axis or a tuple of axes (the
+matrix is the leaf transposed to ``batch + rows + cols`` and reshaped to ``[..., prod(rows), prod(cols)]``:
+``((0, 1, 2), (3,))`` makes a ``[3, 3, c_in, c_out]`` conv kernel one ``[9·c_in, c_out]`` matrix),
+``optax.contrib.MuonDimensionNumbers`` or ``None`` (the last two axes), or a callable returning such a
+pytree from the updates (see :mod:`muon_jax.views`). Inside :func:`muon_jax.muon` the updates are
+``optax.partition``-masked, so non-Muon leaves appear as ``optax.MaskedNode`` and their entries are ignored.
 """
 from __future__ import annotations
 
@@ -21,57 +24,29 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from muon_jax.distributed import NsAxis, orthogonalize_sharded, resolve_ns_axes
-from muon_jax.newton_schulz import (CoeffsSpec, newton_schulz_iterate, ns_input, require_matrix, resolve_coeffs,
-                                    resolve_method, resolve_restarts)
+from muon_jax.newton_schulz import (CoeffsSpec, newton_schulz_iterate, ns_input, resolve_coeffs, resolve_method,
+                                    resolve_restarts)
+from muon_jax.views import MatrixView, is_masked, matrix_views
 
 MatrixAxes = Union[None, Any, Callable[[Any], Any]]
 ParamSpecs = Union[None, Any, Callable[[Any], Any]]
 LR_SCALES = ("moonlight", "spectral", "none")
-NOT_A_MATRIX_FIX = "Label it 'adam' (muon(labels=...)) or reshape it into a matrix."
 
 
-def _is_masked(x) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def matrix_axes_of(path, x, axes) -> tuple[int, int]:
-    """The two non-negative matrix axes of leaf ``x`` (``axes`` None means the last two)."""
-    where = jax.tree_util.keystr(path) or "<root>"
-    require_matrix(x.shape, f"The leaf at {where}", NOT_A_MATRIX_FIX)
-    rows, cols = (-2, -1) if axes is None else axes
-    rows, cols = rows % x.ndim, cols % x.ndim
-    if rows == cols:
-        raise ValueError(f"matrix_axes for the leaf at {where} name the same axis twice: {axes}.")
-    return rows, cols
-
-
-def matrix_specs(param_specs: ParamSpecs, updates, params, matrix_axes) -> Optional[list]:
-    """The partition spec of every matrix leaf of ``updates`` (masked leaves skipped), its axes
-    permuted as the matrices are (matrix axes last); None without ``param_specs``."""
+def leaf_specs(param_specs: ParamSpecs, updates, params) -> Optional[list]:
+    """The partition spec of every unmasked leaf of ``updates`` (a ``NamedSharding`` read as its spec), in
+    leaf order; None without ``param_specs``."""
     if param_specs is None:
         return None
     tree = param_specs(params) if callable(param_specs) else param_specs
     is_spec = lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding))  # noqa: E731
     specs = jax.tree.leaves(tree, is_leaf=is_spec)
-    leaves = jax.tree.leaves(updates, is_leaf=_is_masked)
+    leaves = jax.tree.leaves(updates, is_leaf=is_masked)
     if len(specs) != len(leaves) or not all(map(is_spec, specs)):
         raise ValueError(f"param_specs must give one PartitionSpec (or NamedSharding, or None) per parameter "
                          f"leaf: got {len(specs)} specs for {len(leaves)} leaves. Pass a pytree shaped like "
                          "the parameters, e.g. jax.tree.map(lambda x: x.sharding.spec, params).")
-    it, out = iter(s for s, x in zip(specs, leaves) if not _is_masked(x)), []
-
-    def collect(x, axes):
-        spec = next(it)
-        spec = spec.spec if isinstance(spec, NamedSharding) else spec
-        if spec is not None:
-            entries = tuple(spec) + (None,) * (x.ndim - len(spec))
-            order = [i for i in range(x.ndim) if i not in axes] + list(axes)  # as jnp.moveaxis(x, axes, (-2, -1))
-            spec = PartitionSpec(*(entries[i] for i in order))
-        out.append(spec)
-        return x
-
-    map_matrices(collect, updates, matrix_axes)
-    return out
+    return [s.spec if isinstance(s, NamedSharding) else s for s, x in zip(specs, leaves) if not is_masked(x)]
 
 
 def static_dtype(dtype) -> Optional[jnp.dtype]:
@@ -82,15 +57,20 @@ def static_dtype(dtype) -> Optional[jnp.dtype]:
         return None
 
 
-def map_matrices(fn: Callable[[jax.Array, tuple[int, int]], jax.Array], updates, matrix_axes):
-    """Applies ``fn(leaf, (row_axis, col_axis))`` to every array leaf; masked leaves pass through."""
-    spec = matrix_axes(updates) if callable(matrix_axes) else matrix_axes
-    if spec is None:
-        return jax.tree_util.tree_map_with_path(
-            lambda p, x: fn(x, matrix_axes_of(p, x, None)), updates)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x, ax: x if _is_masked(x) else fn(x, matrix_axes_of(p, x, ax)),
-        updates, spec, is_leaf=_is_masked)
+def map_matrices(fn: Callable[[jax.Array, MatrixView], jax.Array], updates, matrix_axes):
+    """Applies ``fn(leaf, view)`` to every array leaf (its :class:`~muon_jax.views.MatrixView` from
+    ``matrix_axes``); masked leaves pass through."""
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=is_masked)
+    views = matrix_views(updates, matrix_axes)
+    return jax.tree.unflatten(treedef, [x if v is None else fn(x, v) for x, v in zip(leaves, views)])
+
+
+def check_views(matrix_axes) -> Callable[[Any], optax.EmptyState]:
+    """An init that validates every leaf's matrix view (so a bad ``matrix_axes`` fails at init)."""
+    def init_fn(params):
+        matrix_views(params, matrix_axes)
+        return optax.EmptyState()
+    return init_fn
 
 
 class ScaleByMomentumState(NamedTuple):
@@ -122,10 +102,11 @@ def scale_by_momentum(
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def zeros_sharded_like(p):
-        # p·0 (params are finite), not zeros_like: under jit (jax.jit(tx.init)) a constant has no
-        # layout of its own, XLA merges the zeros of same-shape leaves into one array, and the buffers
-        # would end up replicated or on one device instead of sharded like their parameters.
-        return (p * 0).astype(mu_dtype or p.dtype)
+        # Zeros computed from p rather than created (jnp.zeros_like): under jit (jax.jit(tx.init)) a
+        # constant has no layout of its own, XLA merges the zeros of same-shape leaves into one array, and
+        # the buffers would end up replicated or on one device instead of sharded like their parameters.
+        # |nan_to_num(p)|·0 is +0 for every p, NaN and ±inf included, so a bad parameter never poisons M.
+        return (jnp.abs(jnp.nan_to_num(p)) * 0).astype(mu_dtype or p.dtype)
 
     def init_fn(params):
         return ScaleByMomentumState(mu=jax.tree.map(zeros_sharded_like, params))
@@ -150,7 +131,7 @@ def orthogonalize(
     mesh: Optional[jax.sharding.Mesh] = None,
     ns_axis: NsAxis = None,
     ns_mode: str = "placed",
-    method: str = "standard",
+    method: str = "auto",
     restarts: Optional[tuple[int, ...]] = None,
     param_specs: ParamSpecs = None,
 ) -> optax.GradientTransformation:
@@ -167,8 +148,9 @@ def orthogonalize(
 
     Args:
       steps, coeffs, eps, dtype, method, restarts: as in :func:`muon_jax.newton_schulz`
-        (``method="auto"`` picks per matrix shape).
-      matrix_axes: which two axes form the matrix; see the module docstring.
+        (``method="auto"``, the default as in :func:`muon_jax.muon`, picks per matrix shape).
+      matrix_axes: the ``(rows, cols)`` axes of each leaf's matrix; see the module docstring. A bad entry,
+        a leaf below 2-D or a zero-size leaf fails at ``init``.
       mesh: the ``jax.sharding.Mesh`` the updates are sharded on; None: single-device semantics.
       ns_axis: a mesh axis name or a tuple of names to spread NS over.
       ns_mode: one of :data:`muon_jax.NS_MODES`.
@@ -191,31 +173,30 @@ def orthogonalize(
     def x0(m, norm):
         return ns_input(m, norm, coeffs=coeffs, eps=eps, dtype=dtype)
 
-    def orthogonalize_leaf(x, axes):
-        return jnp.moveaxis(ns(jnp.moveaxis(x, axes, (-2, -1))), (-2, -1), axes)
+    def orthogonalize_leaf(x, view):
+        return view.from_matrices(ns(view.to_matrices(x)))
 
     def orthogonalize_all(updates, params):
-        # Distributed NS batches matrices across leaves, so it needs every leaf at once: collect them
-        # (matrix axes last) in map_matrices' order, then put the results back in the same order.
-        def matrices(tree):
-            mats = []
-            map_matrices(lambda x, axes: mats.append(jnp.moveaxis(x, axes, (-2, -1))), tree, matrix_axes)
-            return mats
-
-        results = iter(orthogonalize_sharded(
-            matrices(updates), ns, mesh=mesh, ns_axes=ns_axes, ns_mode=ns_mode,
-            anchors=None if params is None else matrices(params),
-            specs=matrix_specs(param_specs, updates, params, matrix_axes), ns_dtype=static_dtype(dtype),
-            ns_input=x0))
-        return map_matrices(
-            lambda x, axes: jnp.moveaxis(next(results), (-2, -1), axes), updates, matrix_axes)
+        # Distributed NS batches matrices across leaves, so it needs every leaf at once: the unmasked leaves
+        # in leaf order, and the results put back in the same order.
+        leaves, treedef = jax.tree.flatten(updates, is_leaf=is_masked)
+        views = matrix_views(updates, matrix_axes)
+        mine = [i for i, v in enumerate(views) if v is not None]
+        anchors = None if params is None else [jax.tree.leaves(params, is_leaf=is_masked)[i] for i in mine]
+        results = orthogonalize_sharded(
+            [leaves[i] for i in mine], [views[i] for i in mine], ns, mesh=mesh, ns_axes=ns_axes,
+            ns_mode=ns_mode, anchors=anchors, specs=leaf_specs(param_specs, updates, params),
+            ns_dtype=static_dtype(dtype), ns_input=x0)
+        for i, r in zip(mine, results):
+            leaves[i] = r
+        return jax.tree.unflatten(treedef, leaves)
 
     def update_fn(updates, state, params=None):
         if mesh is None:
             return map_matrices(orthogonalize_leaf, updates, matrix_axes), state
         return orthogonalize_all(updates, params), state
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return optax.GradientTransformation(check_views(matrix_axes), update_fn)
 
 
 def shape_scale(lr_scale: Union[str, Callable[[tuple[int, int]], float]], shape: tuple[int, int]):
@@ -237,7 +218,8 @@ def scale_by_shape(
     lr_scale: Union[str, Callable[[tuple[int, int]], float]] = "moonlight",
     matrix_axes: MatrixAxes = None,
 ) -> optax.GradientTransformation:
-    r"""Multiplies each matrix update by a factor of its shape ``[A, B]`` (fan-in ``A``, fan-out ``B``).
+    r"""Multiplies each matrix update by a factor of its shape ``[A, B]`` (fan-in ``A``, fan-out ``B``; with
+    multi-axis ``matrix_axes``, ``A`` and ``B`` are the products of the row and the column axes' sizes).
 
     - ``"moonlight"``: ``0.2·√max(A, B)``. An orthogonalised full-rank matrix has RMS
       ``√(1/max(A, B))`` (Lemma 1 of arXiv 2502.16982), so the update RMS becomes 0.2 for every shape,
@@ -248,15 +230,15 @@ def scale_by_shape(
 
     Args:
       lr_scale: the rule above.
-      matrix_axes: which two axes form the matrix; see the module docstring.
+      matrix_axes: the ``(rows, cols)`` axes of each leaf's matrix; see the module docstring.
     """
     shape_scale(lr_scale, (1, 1))  # fail at construction on an unknown name
 
-    def scale_leaf(x, axes):
-        return x * jnp.asarray(shape_scale(lr_scale, (x.shape[axes[0]], x.shape[axes[1]])), x.dtype)
+    def scale_leaf(x, view):
+        return x * jnp.asarray(shape_scale(lr_scale, view.matrix), x.dtype)
 
     def update_fn(updates, state, params=None):
         del params
         return map_matrices(scale_leaf, updates, matrix_axes), state
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return optax.GradientTransformation(check_views(matrix_axes), update_fn)

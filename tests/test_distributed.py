@@ -223,8 +223,7 @@ def test_placement_balances_experts_and_big_dense_matrices():
     (placing the experts first left it at 1.35×), and every matrix gets its own slot in one buffer row."""
     import math
 
-    from muon_jax.placement import leaf_plan
-    from muon_jax.placement import ns_cost, plan, positions
+    from muon_jax.placement import leaf_plan, ns_cost, plan, positions
 
     axes = (("fsdp", 32), ("expert", 8))
     leaves = [((26, 64, 2048, 1408), P(None, "expert", "fsdp", None)),
@@ -278,8 +277,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import muon_jax
 from bench.distributed import collective_bytes, compile_step
-from muon_jax.placement import plan_leaves
-from muon_jax.placement import ns_cost
+from muon_jax.placement import ns_cost, plan_leaves
 
 leaves = {"wq": ((21, 128, 128), P(None, "fsdp", None)), "wo": ((21, 128, 128), P(None, None, "fsdp")),
           "w_up": ((21, 128, 384), P(None, "fsdp", None)), "w_down": ((21, 384, 128), P(None, None, "fsdp"))}
@@ -329,3 +327,65 @@ def test_placed_at_64_devices_is_at_the_limit():
         assert placed["ops"] <= 8, (mesh_shape, placed)
         assert placed["temp"] <= figures[f"allowed_temp {mesh_shape}"], (mesh_shape, figures)
     assert figures["balanced (64,)"]["flops"] > 2.0, figures
+
+
+# Multi-axis matrix views (issue 26) on a data=2 × fsdp=4 mesh: leaf -> (shape, spec, matrix_axes). A merged
+# group sharded only on its first member keeps that sharding; one sharded on a later member is resharded.
+VIEW_LEAVES = {
+    "conv_cols": ((3, 3, 8, 16), P(None, None, None, "fsdp"), ((0, 1, 2), (3,))),   # [72, 16], cols sharded
+    "conv_lead": ((8, 3, 3, 16), P("fsdp", None, None, "data"), ((0, 1, 2), 3)),    # [72, 16], 2-D blocks
+    "merged_inner": ((3, 8, 24), P(None, "fsdp", None), ((0, 1), (2,))),            # [24, 24], resharded
+    "batch_mid": ((24, 2, 16), P("fsdp", None, "data"), ((2,), (0,))),              # 2 × [16, 24], transposed
+    "wide": ((16, 2, 3, 4), P("fsdp", None, None, None), ([0], [1, 2, 3])),          # [16, 24]
+    "w": ((16, 8), P("data", "fsdp"), None),
+}
+
+
+def test_view_specs_follow_the_merge_rule():
+    from muon_jax.placement import leaf_plan
+    from muon_jax.views import matrix_view
+
+    expect = {"conv_cols": P(None, "fsdp"), "conv_lead": P("fsdp", "data"), "merged_inner": None,
+              "batch_mid": P(None, "data", "fsdp"), "wide": P("fsdp", None), "w": P("data", "fsdp")}
+    axes = (("data", 2), ("fsdp", 4))
+    for k, (shape, spec, matrix_axes) in VIEW_LEAVES.items():
+        view = matrix_view((), shape, matrix_axes)
+        assert view.spec(spec) == expect[k], (k, view.spec(spec))
+        if expect[k] is not None:  # the placed exchange takes the view as it lies
+            assert leaf_plan(view.matrices_shape, view.spec(spec), axes) is not None, k
+
+
+@pytest.mark.parametrize("mode", ["placed", "placed_without_specs", "balanced", "gather", "placed_explicit"])
+def test_multi_axis_views_sharded_match_single_device(mode):
+    mesh = auto_mesh((2, 4), ("data", "fsdp"))
+    params = {k: jax.random.normal(jax.random.key(i), s) for i, (k, (s, _, _)) in enumerate(VIEW_LEAVES.items())}
+    grads = [{k: jax.random.normal(jax.random.key(50 + 10 * t + i), s)
+              for i, (k, (s, _, _)) in enumerate(VIEW_LEAVES.items())} for t in range(2)]
+    labels = {k: "muon" for k in VIEW_LEAVES}
+    matrix_axes = {k: a for k, (_, _, a) in VIEW_LEAVES.items()}
+    specs = {k: spec for k, (_, spec, _) in VIEW_LEAVES.items()}
+    ref_tx = muon_jax.muon(0.02, ns_dtype=jnp.float32, labels=labels, matrix_axes=matrix_axes)
+    p, state, ref = params, ref_tx.init(params), []
+    for g in grads:
+        p, state, u = jax.jit(train_step(ref_tx))(p, state, g)
+        ref.append(u)
+    kwargs = dict(ns_dtype=jnp.float32, labels=labels, matrix_axes=matrix_axes, ns_axis=("data", "fsdp"),
+                  ns_mode=mode.split("_")[0])
+    if mode == "placed_explicit":
+        explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * 2)
+        tx = muon_jax.muon(0.02, mesh=explicit, **kwargs)
+        with jax.set_mesh(explicit):
+            sharded = jax.device_put(params, {k: NamedSharding(explicit, s) for k, s in specs.items()})
+            state, updates = tx.init(sharded), []
+            for g in grads:
+                g = jax.device_put(g, {k: NamedSharding(explicit, s) for k, s in specs.items()})
+                sharded, state, u = jax.jit(train_step(tx))(sharded, state, g)
+                updates.append(u)
+        for k, s in specs.items():
+            assert updates[-1][k].sharding.spec == P(*s, *(None,) * (len(VIEW_LEAVES[k][0]) - len(s))), k
+    else:
+        tx = muon_jax.muon(0.02, mesh=mesh, param_specs=None if mode == "placed_without_specs" else specs, **kwargs)
+        _, updates, _ = run_sharded(tx, params, {k: NamedSharding(mesh, s) for k, s in specs.items()}, grads)
+    for t, (u, r) in enumerate(zip(updates, ref)):
+        for k in r:
+            assert rel_err(u[k], r[k]) <= 1e-5, (mode, t, k, rel_err(u[k], r[k]))

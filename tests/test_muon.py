@@ -322,3 +322,221 @@ def test_imports_without_trainer_dependencies():
     code = ("import sys, muon_jax; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'flax', 'grain', 'orbax', 'torch', 'transformers', 'yaml'}); print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------ multi-axis matrix views
+def views_reference(g, rows, cols):
+    """-0.2·√max(A, B)·NS of every matrix of ``g`` seen through (rows, cols), in float64 numpy: transposed to
+    batch + rows + cols, reshaped to [..., A, B], Moonlight NS per matrix, and back."""
+    batch = [i for i in range(g.ndim) if i not in rows + cols]
+    order = batch + list(rows) + list(cols)
+    a, b = np.prod([g.shape[i] for i in rows]), np.prod([g.shape[i] for i in cols])
+    moved = np.transpose(np.asarray(g, np.float64), order)
+    mats = moved.reshape(-1, a, b)
+    out = np.stack([ns_ref(m) for m in mats]).reshape(moved.shape)
+    return -0.2 * np.sqrt(max(a, b)) * np.transpose(out, np.argsort(order))
+
+
+@pytest.mark.parametrize("name, shape, axes, rows, cols", [
+    ("conv", (3, 3, 4, 16), ((0, 1, 2), (3,)), (0, 1, 2), (3,)),            # HWIO kernel: one [36, 16]
+    ("conv_mixed", (3, 3, 4, 16), ((0, 1, 2), 3), (0, 1, 2), (3,)),         # an int for one side
+    ("conv_optax", (3, 3, 4, 16), optax.contrib.MuonDimensionNumbers((0, 1, 2), 3), (0, 1, 2), (3,)),
+    ("wide_cols", (16, 3, 3, 4), ([0], [1, 2, 3]), (0,), (1, 2, 3)),        # lists: [16, 36]
+    ("batch_between", (4, 2, 3, 5), ((0, 2), (-1,)), (0, 2), (3,)),          # batch axis 1: 2 × [12, 5]
+    ("int_pair", (12, 3, 20), (0, 2), (0,), (2,)),                           # today's (row_axis, col_axis)
+])
+def test_multi_axis_view_update_matches_float64_reference(name, shape, axes, rows, cols):
+    g = jax.random.normal(jax.random.key(10), shape)
+    params = {name: jnp.zeros(shape), "b": jnp.zeros(shape[-1])}
+    tx = muon_jax.muon(1.0, weight_decay=0.0, ns_dtype=jnp.float32, labels={name: "muon", "b": "adam"},
+                       matrix_axes={name: axes, "b": None})
+    u, _ = jax.jit(tx.update)({name: g, "b": jnp.ones(shape[-1])}, tx.init(params), params)
+    # Step 1 with Nesterov feeds (1 + μ)·G, which NS's normalisation removes.
+    ref = views_reference(np.asarray(g), rows, cols)
+    assert np.linalg.norm(np.asarray(u[name], np.float64) - ref) / np.linalg.norm(ref) <= 1e-4
+
+
+def test_scale_by_shape_uses_the_merged_sizes():
+    x = {"k": jnp.ones((3, 3, 4, 16)), "t": jnp.ones((16, 3, 3, 2))}
+    axes = {"k": ((0, 1, 2), (3,)), "t": ((0,), (1, 2, 3))}
+    u, _ = muon_jax.scale_by_shape("moonlight", matrix_axes=axes).update(x, None)
+    np.testing.assert_allclose(u["k"], 0.2 * np.sqrt(36), rtol=1e-6)
+    np.testing.assert_allclose(u["t"], 0.2 * np.sqrt(18), rtol=1e-6)
+    u, _ = muon_jax.scale_by_shape("spectral", matrix_axes=axes).update(x, None)
+    np.testing.assert_allclose(u["k"], 1.0)                     # 16 / 36 < 1
+    np.testing.assert_allclose(u["t"], np.sqrt(18 / 16), rtol=1e-6)
+
+
+def test_bad_matrix_axes_fail_at_init_naming_the_leaf():
+    params = {"k": jnp.ones((3, 3, 4, 8)), "b": jnp.ones(8)}
+    labels = {"k": "muon", "b": "adam"}
+    cases = [
+        (((0, 1, 2), (2,)), r"\['k'\] name an axis twice"),
+        (((0, 5), 3), r"\['k'\] names axis 5.*\(3, 3, 4, 8\).*\[-4, 4\)"),
+        (((), (3,)), r"\['k'\] leaves the rows empty"),
+        ("rows", r"\['k'\] is 'rows'.*MuonDimensionNumbers"),
+        (((0, 1.5), 3), r"\['k'\] is .*\(\(0, 1.5\), 3\)"),
+    ]
+    for axes, message in cases:
+        with pytest.raises(ValueError, match=message):
+            muon_jax.muon(0.1, labels=labels, matrix_axes={"k": axes, "b": None}).init(params)
+    with pytest.raises(ValueError, match=r"matrix_axes tree does not match.*no entry for the parameter at \['k'\]"):
+        muon_jax.muon(0.1, labels=labels, matrix_axes={"kernel": None, "b": None}).init(params)
+    with pytest.raises(ValueError, match=r"matrix_axes tree does not match.*\['extra'\]"):
+        muon_jax.muon(0.1, labels=labels, matrix_axes={"k": None, "b": None, "extra": (0, 1)}).init(params)
+    # the same checks in the standalone transforms
+    with pytest.raises(ValueError, match=r"\['k'\] name an axis twice"):
+        muon_jax.orthogonalize(matrix_axes={"k": ((0, 1), (1, 3))}).init({"k": params["k"]})
+    with pytest.raises(ValueError, match=r"\['k'\] names axis 4"):
+        muon_jax.scale_by_shape(matrix_axes={"k": (0, 4)}).init({"k": params["k"]})
+
+
+# ------------------------------------------------------------------------- strict input checks (issue 26)
+def test_bad_hyperparameters_fail_with_one_line():
+    for lr, message in [(None, "learning_rate=None is not a learning rate"), ("2e-2", "learning_rate='2e-2' is not"),
+                        (-0.1, "learning_rate=-0.1 is negative"), (jnp.asarray(-1.0), "is negative")]:
+        with pytest.raises(ValueError, match=message):
+            muon_jax.muon(lr)
+    with pytest.raises(ValueError, match="adam_learning_rate=-0.001 is negative"):
+        muon_jax.muon(0.1, adam_learning_rate=-1e-3)
+    for mu in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"momentum={mu} is outside \[0, 1\)"):
+            muon_jax.muon(0.1, momentum=mu)
+    for steps in (0, -2, 2.5):
+        with pytest.raises(ValueError, match=rf"ns_steps={steps} must be an integer of at least 1"):
+            muon_jax.muon(0.1, ns_steps=steps)
+    muon_jax.muon(0.0, momentum=0.0, ns_steps=1)  # the edges that are allowed
+    # under inject_hyperparams the values arrive as arrays: still checked at init
+    with pytest.raises(ValueError, match="is negative"):
+        optax.inject_hyperparams(muon_jax.muon)(learning_rate=-0.1).init({"w": jnp.ones((4, 4))})
+
+
+def test_labels_and_gradients_that_do_not_fit_the_params():
+    params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8), "z": jnp.ones((0, 8))}
+    labels = {"w": "muon", "b": "adam", "z": "adam"}
+    with pytest.raises(ValueError, match=r"labels tree does not match.*no entry for the parameter at \['w'\]"):
+        muon_jax.muon(0.1, labels={"v": "muon", "b": "adam", "z": "adam"}).init(params)
+    with pytest.raises(ValueError, match=r"\['z'\] has zero size.*Label it 'adam'"):
+        muon_jax.muon(0.1, labels={**labels, "z": "muon"}).init(params)
+    tx = muon_jax.muon(0.1, labels=labels)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"gradient at \['w'\] has shape \(8, 4\) but its parameter has shape \(4, 8\)"):
+        tx.update({**params, "w": jnp.ones((8, 4))}, state, params)
+    with pytest.raises(ValueError, match=r"gradients tree does not match.*\['z'\]"):
+        tx.update({"w": params["w"], "b": params["b"]}, state, params)
+    float0 = np.zeros((4, 8), jax.dtypes.float0)
+    with pytest.raises(ValueError, match=r"gradient at \['w'\] is float0.*zeros_like"):
+        tx.update({**params, "w": float0}, state, params)
+
+
+def test_callable_labels_under_inject_hyperparams():
+    params, grads = small_problem()
+    pick = lambda p: jax.tree.map(lambda x: "muon" if x.ndim > 1 else "adam", p)  # noqa: E731
+    with pytest.raises(ValueError, match=r"called as a schedule; pass static_args=\('labels',\)"):
+        optax.inject_hyperparams(muon_jax.muon)(learning_rate=0.1, labels=pick).init(params)
+    tx = optax.inject_hyperparams(muon_jax.muon, static_args=("labels",))(learning_rate=0.1, labels=pick)
+    u, _ = tx.update(grads, tx.init(params), params)
+    plain = muon_jax.muon(0.1)
+    expect, _ = plain.update(grads, plain.init(params), params)
+    chex.assert_trees_all_close(u, expect, rtol=1e-5, atol=1e-7)
+
+
+def test_integer_leaves_are_never_updated_and_nan_does_not_reach_momentum():
+    params = {"w": jnp.ones((4, 8)) * 3, "count": jnp.full((2, 3), 7, jnp.int32), "flag": jnp.ones(3, bool),
+              "bad": jnp.full((4, 4), jnp.nan).at[0, 0].set(jnp.inf)}
+    for labels in (None, {"w": "muon", "count": "muon", "flag": "adam", "bad": "muon"}):
+        tx = muon_jax.muon(0.5, weight_decay=0.5, labels=labels)
+        state = tx.init(params)
+        mu = state.inner_states["muon"].inner_state[0].mu
+        np.testing.assert_array_equal(np.signbit(mu["bad"]), False)
+        np.testing.assert_array_equal(mu["bad"], 0.0)  # p·0 would be NaN
+        grads = {"w": jnp.ones((4, 8)), "count": jnp.ones((2, 3), jnp.int32), "flag": jnp.zeros(3, bool),
+                 "bad": jnp.ones((4, 4))}
+        u, state = jax.jit(tx.update)(grads, state, params)
+        new = optax.apply_updates(params, u)
+        np.testing.assert_array_equal(new["count"], 7)
+        np.testing.assert_array_equal(new["flag"], True)
+        assert new["count"].dtype == jnp.int32 and not np.allclose(new["w"], 3.0)
+
+
+def test_default_labels_warns_once_about_heads_and_conv_kernels():
+    import warnings
+
+    params = {"gpt": {"wte": jnp.ones((50, 8)), "h0": {"wq": jnp.ones((8, 8))}},
+              "output": {"kernel": jnp.ones((8, 50))}, "stem": jnp.ones((3, 3, 3, 8)),
+              "experts_warn_test": jnp.ones((2, 4, 8, 8))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        labels = muon_jax.default_labels(params)
+        muon_jax.default_labels(params)
+    assert labels["gpt"]["wte"] == labels["stem"] == "muon"  # the rule itself is unchanged
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    text = str(caught[0].message)
+    for leaf in ("['gpt']['wte'] (50, 8)", "['output']['kernel'] (8, 50)", "['stem'] (3, 3, 3, 8)"):
+        assert leaf in text, text
+    assert "wq" not in text and "experts_warn_test" not in text and "infer_routing" in text
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        muon_jax.default_labels({"attn_output": jnp.ones((8, 8)), "heads": jnp.ones((2, 8, 8))})
+    assert not caught
+
+
+def test_nnx_optimizer_with_labels_and_matrix_axes_from_nnx_split():
+    """nnx.Optimizer gives tx.init the nnx.Param-wrapped state and tx.update bare arrays: one labels tree and
+    one matrix_axes tree, built from nnx.split (wrapped) or from its pure arrays, fit both."""
+    from flax import nnx
+
+    class ConvNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+            self.head = nnx.Linear(8, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jax.nn.relu(self.conv(x)).mean((1, 2)))
+
+    x = jax.random.normal(jax.random.key(11), (4, 6, 6, 3))
+    y = jnp.arange(4) % 5
+
+    def train(make_trees, steps=3):
+        model = ConvNet(nnx.Rngs(0))
+        labels, axes = make_trees(nnx.split(model, nnx.Param)[1])
+        opt = nnx.Optimizer(model, muon_jax.muon(0.05, ns_dtype=jnp.float32, labels=labels, matrix_axes=axes),
+                            wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt):
+            def loss_fn(m):
+                return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, grads)
+            return loss
+
+        losses = [float(step(model, opt)) for _ in range(steps)]
+        return losses, nnx.state(model, nnx.Param)
+
+    def trees(state):
+        label = lambda p, v: "muon" if "conv" in jax.tree_util.keystr(p) and v.ndim == 4 else "adam"  # noqa: E731
+        labels = jax.tree_util.tree_map_with_path(label, state)
+        axes = jax.tree_util.tree_map_with_path(lambda p, v: ((0, 1, 2), (3,)) if v.ndim == 4 else None, state)
+        return labels, axes
+
+    wrapped, state_w = train(trees)
+    pure, state_p = train(lambda s: trees(nnx.as_pure(s)))
+    assert wrapped[-1] < wrapped[0], wrapped
+    chex.assert_trees_all_close(nnx.as_pure(state_w), nnx.as_pure(state_p))
+
+
+def test_public_namespace_and_default_methods():
+    import inspect
+
+    documented = {"muon", "default_labels", "scale_by_momentum", "orthogonalize", "scale_by_shape", "newton_schulz",
+                  "NS_SCHEDULES", "infer_routing", "Routing", "ScaleByMomentumState"}
+    assert documented <= set(muon_jax.__all__), documented - set(muon_jax.__all__)
+    assert all(hasattr(muon_jax, name) for name in muon_jax.__all__)
+    internal = {"GRAM_RESTART_EVERY", "GRAM_RESTART_EVERY_CUSTOM", "LABELS", "LR_SCALES", "MOONLIGHT_COEFFS",
+                "POLAR_EXPRESS_COEFFS", "NS_METHODS", "NS_MODES"}
+    assert not internal & set(muon_jax.__all__)
+    assert all(hasattr(muon_jax, name) for name in internal)  # still reachable as attributes
+    default = lambda f, name: inspect.signature(inspect.unwrap(f)).parameters[name].default  # noqa: E731
+    assert default(muon_jax.muon, "ns_method") == default(muon_jax.orthogonalize, "method") \
+        == default(muon_jax.newton_schulz, "method") == "auto"
