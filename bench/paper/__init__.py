@@ -1,31 +1,37 @@
-"""Moonlight's claims about Muon (Liu et al. 2025, arXiv 2502.16982), measured at CPU scale.
+"""Muon vs AdamW at CPU scale, measured from committed run records (Liu et al. 2025, arXiv 2502.16982).
 
-    python -m bench.paper [--quick] [--out docs/] [--runs runs/paper]
+    python -m bench.paper [--quick] [--report-only] [--out docs/] [--records bench/paper/records] [--runs runs/paper]
 
-Every run goes through the real trainer (`train.loop.train`) from `configs/paper_base.yaml` (bundled `medium`
-corpus, held-out documents for validation, 4k BPE, seq 128, batch 32, cosine schedule, weight decay 0.1, seed 0,
-one device), so Muon and AdamW see the same initial weights and the same batches in the same order. The study
-writes `OUT/results.md` (tables, and interpretation generated from the measured numbers) and `OUT/paper_*.png`:
+Three studies, all through the real trainer (`train.loop.train`, `train.sft.sft`) from `configs/paper_base.yaml`
+(bundled `medium` corpus, 1024-token BPE, whole documents held out: 30%, >= 100k tokens from every source) and
+`configs/paper_sft.yaml` (bundled chat data):
 
-1. update RMS per matrix shape (Lemma 1 and the 0.2 match), from the optimizer state of finished runs;
-2. LR sweeps for both optimizers on the swept sizes (does the best LR transfer across sizes and optimizers?);
-3. steps Muon needs to reach AdamW's best final validation loss, and loss vs step / vs FLOPs;
-4. Muon with and without weight decay over a longer run;
-5. SVD entropy of every weight matrix at the end of training, per layer;
-6. loss vs compute over all sizes with a fitted power law per optimizer;
-7. the optimizer update's share of the train step per size.
+1. scaling: four sizes, tokens proportional to the non-embedding parameters, a cosine schedule decayed to the end
+   of every run, a ×2 LR sweep per size and optimizer extended until the best is interior, several seeds at every
+   best LR; the compute ratio (Muon's training FLOPs as a fraction of AdamW's at matched final loss) read inside
+   the loss range both reached, with a seed-and-LR bootstrap CI, with and without Newton–Schulz FLOPs;
+2. LR transfer across width: AdamW, Muon with lr_scale="moonlight" and with "spectral", best LR per width;
+3. SFT 2×2: AdamW- and Muon-pretrained models fine-tuned with AdamW and with Muon.
 
-Runs live in `--runs` (one directory per run, named by its settings). A run whose directory already holds a
-finished run is not trained again, so a killed study continues where it stopped when started again; the best-LR
-runs of the sweep are reused by sections 1, 3, 5, 6 and 7. `--quick` runs a minutes-long miniature of the whole
-pipeline (for CI: it checks that the report is produced, not the claims). A progress bar counts the runs.
+Every finished run writes one JSON record (`bench/paper/records/KEY.json`, written atomically); the report
+(`results.md`, `results.json`, `paper_*.png`) is computed from the records alone (`--report-only` trains
+nothing and is byte-identical on rerun). Without `--report-only` the study trains the runs that have no record,
+in plan order (`plan.next_spec`), then reports; an interrupted run leaves no record and restarts from scratch.
 
-Modules, bottom up: `plan` (sizes, LR grid, `Spec`), `runs` (`Study`: train or reuse runs, `Result`), `measures`
-(restored optimizer state, SVD entropy, fits), `plots` and `tables` (figures, markdown), `sections` (the seven
-sections), `report` (`run_study`: the whole document), `__main__` (the command line).
+Modules, bottom up: `plan` (sizes, `Spec`, sweeps, what runs next), `records` (record files, machine, commit),
+`runs` (train one spec into a record), `analysis` (cells, the compute ratio and its bootstrap, LR transfer,
+the SFT 2×2), `plots`, `report` (results.md / results.json), `measures` (restoring a run's optimizer state, for
+bench/gram_ns.py), `__main__` (the command line).
 """
 from bench.paper.plan import FULL, QUICK, Plan, Size, Spec
-from bench.paper.report import run_study
-from bench.paper.runs import Result, Study, best
 
-__all__ = ["FULL", "QUICK", "Plan", "Result", "Size", "Spec", "Study", "best", "run_study"]
+
+def __getattr__(name):
+    """`restore_for_update` (bench/gram_ns.py's fixture) imports the trainer only when asked for."""
+    if name == "restore_for_update":
+        from bench.paper.measures import restore_for_update   # noqa: PLC0415
+        return restore_for_update
+    raise AttributeError(name)
+
+
+__all__ = ["FULL", "QUICK", "Plan", "Size", "Spec", "restore_for_update"]

@@ -1,134 +1,137 @@
-"""Running the plan's trainer runs, or reusing finished ones from the runs folder, and reading their results."""
+"""Training one `Spec` through the trainer and turning the finished run into its record.
+
+A run directory without a record is stale (an interrupted run): it is removed and the run starts over, so a
+record always describes one uninterrupted run and its `seconds`. The record is written last, atomically."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
-from tqdm import tqdm
+from flax import nnx
 
-from bench.paper.plan import BASE_CONFIG, Plan, Size, Spec
+from bench.optimizer import ns_flops
+from bench.paper.plan import BASE_CONFIG, SFT_CONFIG, Plan, Spec, overrides
+from bench.paper.records import commit, machine, write_record
+from train import data as data_lib
 from train.config import load_config
-from train.data import load_tokenizer
 from train.loop import NonFiniteLoss
-from train.loop import train as run_trainer
+from train.loop import train as pretrain
 from train.mfu import flops_per_token
-from train.models import param_counts
+from train.models import abstract_model, param_counts
 from train.plot import read_metrics
 from train.runtime import cache_dir, model_config_for
 
-MARKER = "paper.json"   # written into a run directory only once the trainer has returned (or diverged)
+FINISHED = "bench-paper-finished"   # in a run directory once training returned: its checkpoint can start an SFT
 
 
-@dataclasses.dataclass
-class Result:
-    """A finished run: its metrics rows (`train.plot.read_metrics`), whether it diverged, its training time, and
-    what converts steps into FLOPs."""
-    spec: Spec
-    run_dir: Path
-    rows: list[dict]
-    diverged: bool
-    seconds: float
-    flops_per_token: float
-    tokens_per_step: int
-    params: int
-
-    @property
-    def val(self) -> list[tuple[int, float]]:
-        """(step, validation loss) at every eval."""
-        return [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
-
-    @property
-    def final_val(self) -> float:
-        """The final validation loss; +inf for a run that diverged (so it never wins a sweep)."""
-        return math.inf if self.diverged or not self.val else self.val[-1][1]
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Median throughput over the logging intervals free of compilation (the first) and of evaluation (the
-        trainer evaluates after taking a row's time, so the eval lands in the next row's interval)."""
-        steady = [r["tokens_per_s"] for prev, r in zip(self.rows, self.rows[1:]) if "val_loss" not in prev]
-        steady = steady or [r["tokens_per_s"] for r in self.rows[1:]] or [r["tokens_per_s"] for r in self.rows]
-        return float(np.median(steady)) if steady else math.nan
-
-    def flops_at(self, step: int) -> float:
-        """Training FLOPs up to `step` (the trainer's FLOPs-per-token accounting)."""
-        return step * self.tokens_per_step * self.flops_per_token
+def config_of(spec: Spec, plan: Plan, runs: Path):
+    """The trainer config of `spec`."""
+    return load_config(SFT_CONFIG if spec.study == "sft" else BASE_CONFIG, overrides(spec, plan, runs))
 
 
-class Study:
-    """Runs (or reuses) trainer runs for a plan, keyed by `Spec`. With a `progress` bar, every run the study
-    resolves (trained or reused) advances it."""
-
-    def __init__(self, plan: Plan, runs: Path, progress: tqdm | None = None):
-        self.plan, self.runs, self.progress = plan, runs, progress
-        self.results: dict[Spec, Result] = {}
-
-    def config(self, spec: Spec):
-        """The trainer config of `spec`."""
-        return load_config(BASE_CONFIG, spec.overrides(self.plan, self.runs))
-
-    def run(self, spec: Spec) -> Result:
-        """Train `spec` unless its run directory holds a finished run; a diverged run counts as finished."""
-        if spec in self.results:
-            return self.results[spec]
-        cfg = self.config(spec)
-        run_dir = Path(cfg.run_dir)
-        if not (run_dir / MARKER).is_file():
-            # the trainer's log lines go above the bar instead of through it
-            with tqdm.external_write_mode(nolock=True):
-                train_once(spec, cfg)
-        status = json.loads((run_dir / MARKER).read_text())
-        model_cfg = model_config_for(cfg, load_tokenizer(cfg.data, cache_dir()))
-        result = Result(spec, run_dir, read_metrics(run_dir), status["diverged"], status["seconds"],
-                        flops_per_token(model_cfg, cfg.seq_len), cfg.global_batch * cfg.seq_len,
-                        param_counts(model_cfg)[0])
-        self.results[spec] = result
-        self.advance(spec)
-        return result
-
-    def advance(self, spec: Spec) -> None:
-        """Count one more resolved run on the progress bar; an extended sweep raises its total."""
-        if self.progress is None:
-            return
-        if self.progress.total is not None and self.progress.n >= self.progress.total:
-            self.progress.total = self.progress.n + 1
-        self.progress.set_postfix_str(spec.key, refresh=False)
-        self.progress.update(1)
-
-    def sweep(self, size: Size, optimizer: str) -> list[Result]:
-        """The LR sweep of one optimizer at one size, extended while the best LR is at the grid's edge."""
-        lrs = list(self.plan.lr_grid)
-        factor = lrs[1] / lrs[0] if len(lrs) > 1 else 2.0
-        for extension in range(self.plan.max_extend + 1):
-            results = [self.run(Spec(size, optimizer, lr, self.plan.steps)) for lr in lrs]
-            best_at = int(np.argmin([r.final_val for r in results]))
-            if extension == self.plan.max_extend or 0 < best_at < len(lrs) - 1:
-                break
-            if best_at == 0:
-                lrs.insert(0, lrs[0] / factor)
-            else:
-                lrs.append(lrs[-1] * factor)
-        return sorted(results, key=lambda r: r.spec.lr)
-
-
-def train_once(spec: Spec, cfg) -> None:
-    """Train one run and mark its directory finished; an LR too high for an optimizer is a result of the sweep
-    (the run is marked diverged), not a failure."""
+def train_spec(spec: Spec, plan: Plan, runs: Path, records: Path) -> dict:
+    """Train `spec` from scratch (removing a stale run directory), write its record to `records`, return it.
+    An LR too high for an optimizer is a result (the record says diverged), not a failure."""
+    if spec.pretrain is not None:
+        ensure_trained(spec.pretrain, plan, runs)
+    cfg = config_of(spec, plan, runs)
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     print(f"[bench.paper] training {spec.key}", flush=True)
-    t0, diverged = time.perf_counter(), False
+    provenance = commit()
+    t0, diverged, summary = time.perf_counter(), False, {}
     try:
-        run_trainer(cfg)
+        summary = run_trainer(spec, cfg)
     except NonFiniteLoss as e:
         print(f"[bench.paper] {spec.key} diverged: {e}", flush=True)
         diverged = True
-    marker = Path(cfg.run_dir) / MARKER
-    marker.write_text(json.dumps({"seconds": time.perf_counter() - t0, "diverged": diverged}))
+    seconds = time.perf_counter() - t0
+    (run_dir / FINISHED).write_text("")
+    record = make_record(spec, cfg, summary, diverged, seconds, provenance)
+    write_record(records, record)
+    print(f"[bench.paper] {spec.key}: final val loss {record['final_val_loss']} in {seconds:.0f} s", flush=True)
+    return record
 
 
-def best(results: list[Result]) -> Result:
-    """The run with the lowest final validation loss."""
-    return min(results, key=lambda r: r.final_val)
+def run_trainer(spec: Spec, cfg) -> dict:
+    if spec.study == "sft":
+        from train.sft import sft   # noqa: PLC0415 (chat templates and HF export only for SFT runs)
+        return sft(cfg)
+    return pretrain(cfg)
+
+
+def ensure_trained(spec: Spec, plan: Plan, runs: Path) -> None:
+    """Make sure `spec`'s run directory holds its finished run (an SFT starts from its checkpoint): retrain it if
+    the directory is missing or unfinished (its record, already written, is kept)."""
+    cfg = config_of(spec, plan, runs)
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / FINISHED).is_file():
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    print(f"[bench.paper] retraining {spec.key} for its checkpoint (its record is kept)", flush=True)
+    pretrain(cfg)
+    (run_dir / FINISHED).write_text("")
+
+
+def val_tokens(spec: Spec, cfg) -> int:
+    """Target tokens the final validation loss averages over (the loss mask's ones in the eval batches)."""
+    if spec.study == "sft":
+        from train.data.chat import load_chat_data, val_batches   # noqa: PLC0415
+        from train.sft import load_init   # noqa: PLC0415
+        init = load_init(cfg)
+        chat = load_chat_data(init.chat, train_file=cfg.sft.train_file, val_file=cfg.sft.val_file,
+                              val_fraction=cfg.sft.val_fraction, seq_len=cfg.seq_len, seed=cfg.seed,
+                              skip_bad_lines=cfg.sft.skip_bad_lines)
+        batches = val_batches(chat.val, cfg.global_batch // cfg.grad_accum, cfg.log.eval_batches)
+    else:
+        corpus = data_lib.load_corpus(cfg.data, cache_dir())
+        batches = data_lib.make_val_batches(corpus, seq_len=cfg.seq_len, max_batches=cfg.log.eval_batches,
+                                            batch_size=cfg.global_batch // cfg.grad_accum)
+    return int(sum(float(np.sum(b["loss_mask"])) for b in batches))
+
+
+def make_record(spec: Spec, cfg, summary: dict, diverged: bool, seconds: float, provenance: dict) -> dict:
+    """The record of a finished run (bench/paper/records.py lists the required keys).
+
+    train_flops = steps × global_batch × seq_len × `train.mfu.flops_per_token` (6 × matmul weights + attention,
+    PaLM's accounting); train_flops_ns adds, for Muon, standard Newton–Schulz on every Muon matrix at every step
+    (`bench.optimizer.ns_flops`, `optimizer.ns_steps` steps)."""
+    run_cfg = load_config(Path(cfg.run_dir) / "config.yaml")   # an SFT's model and tokenizer are its init's
+    model_cfg = model_config_for(run_cfg, data_lib.load_tokenizer(run_cfg.data, cache_dir()))
+    total, _ = param_counts(model_cfg)
+    embeddings = model_cfg.vocab_size * model_cfg.hidden_size * (1 if model_cfg.tie_word_embeddings else 2)
+    tokens = spec.steps * cfg.global_batch * cfg.seq_len
+    flops = tokens * flops_per_token(model_cfg, cfg.seq_len)
+    params = nnx.state(abstract_model(model_cfg), nnx.Param)
+    ns = spec.steps * ns_flops(params, cfg.optimizer.ns_steps) if spec.optimizer == "muon" else 0
+    rows = read_metrics(cfg.run_dir) if (Path(cfg.run_dir) / "metrics.jsonl").is_file() else []
+    final = summary.get("val_loss")
+    steady = [r["tokens_per_s"] for r in rows[1:] if "tokens_per_s" in r and "val_loss" not in r]
+    return {
+        "study": spec.study, "key": spec.key, "size": spec.size.name, "d_model": model_cfg.hidden_size,
+        "layers": model_cfg.num_hidden_layers, "non_embedding_params": int(total - embeddings), "params": int(total),
+        "vocab_size": model_cfg.vocab_size, "tokens": int(tokens), "steps": spec.steps, "seq_len": cfg.seq_len,
+        "global_batch": cfg.global_batch, "train_flops": float(flops), "train_flops_ns": float(flops + ns),
+        "optimizer": spec.optimizer, "lr_scale": spec.lr_scale, "lr": spec.lr,
+        "weight_decay": cfg.optimizer.weight_decay, "seed": spec.seed,
+        "final_val_loss": None if diverged or final is None or not math.isfinite(final) else round(float(final), 6),
+        "initial_val_loss": (round(float(summary["initial_val_loss"]), 6)
+                             if summary.get("initial_val_loss") is not None else None),
+        "diverged": diverged or final is None or not math.isfinite(final),
+        "val_tokens": val_tokens(spec, cfg), "seconds": round(seconds, 1),
+        "tokens_per_s": round(float(np.median(steady)), 1) if steady else None,
+        "train_loss_curve": [[r["step"], round(float(r["loss"]), 4)] for r in rows
+                             if "loss" in r and math.isfinite(r["loss"])],
+        "machine": machine(), "device": str(jax.devices()[0].device_kind), **provenance,
+        "pretrain_optimizer": spec.pretrain.optimizer if spec.pretrain else None,
+        "pretrain_lr": spec.pretrain.lr if spec.pretrain else None,
+        "pretrain_key": spec.pretrain.key if spec.pretrain else None,
+        "config": json.loads(json.dumps(cfg.to_dict())),
+    }
