@@ -203,7 +203,10 @@ class _Analysis:
         deps = frozenset().union(*(v.deps for v in ins))
         prod = frozenset() if eqn.primitive.name in _NO_GRADIENT else frozenset().union(*(v.prod for v in ins))
         out_shapes = {_shape(v) for v in eqn.outvars}
-        aligned = len(out_shapes) == 1 and all(_shape(v) in out_shapes or _shape(v) == () for v in eqn.invars)
+        out = next(iter(out_shapes)) if len(out_shapes) == 1 else None
+        # element-wise: every operand a scalar or of the output's rank, each axis the output's or 1 (broadcast)
+        fits = lambda shape: out is not None and len(shape) == len(out) and all(n in (1, m) for n, m in zip(shape, out))
+        aligned = all(_shape(v) == () or fits(_shape(v)) for v in eqn.invars)
         prov: dict = {}
         for v, val in zip(eqn.invars, ins):
             if not val.prov:
@@ -211,8 +214,9 @@ class _Analysis:
             if data:
                 self.record(val, "elementwise" if aligned else "other",
                             f"{eqn.primitive.name} with activations")
-            elif aligned and _shape(v) in out_shapes:
-                for leaf, axis_map in val.prov:
+            elif aligned and _shape(v) != ():
+                for leaf, axis_map in val.prov:  # an axis broadcast from size 1 is no longer the leaf's
+                    axis_map = tuple(a if n == m else frozenset() for a, n, m in zip(axis_map, _shape(v), out))
                     prov[leaf] = axis_map if prov.get(leaf, axis_map) == axis_map else None
         prov = {leaf: m for leaf, m in prov.items() if m is not None}
         return [_val(prov, data, deps, prod) for _ in eqn.outvars]
@@ -378,9 +382,9 @@ def _label(shape, dtype, uses: set, head: bool, ops: set) -> tuple[str, Optional
     if "conflict" in kinds:
         return ADAM, None, "disagreeing uses: " + details("conflict")
     views = {d for k, d in uses if k == "matmul"}
-    other = kinds - {"matmul"}
-    if views and other:
-        return ADAM, None, (f"disagreeing uses: a matmul and {'; '.join(sorted(str(d) for k, d in uses if k != 'matmul'))}")
+    non_matmul = "; ".join(sorted(str(d) for k, d in uses if k != "matmul"))
+    if views and non_matmul:
+        return ADAM, None, f"disagreeing uses: a matmul and {non_matmul}"
     if len(views) > 1:
         described = " vs ".join(f"rows {r} cols {c}" for r, c in sorted(views))
         return ADAM, None, f"disagreeing uses: matmuls view it differently ({described})"
@@ -389,7 +393,7 @@ def _label(shape, dtype, uses: set, head: bool, ops: set) -> tuple[str, Optional
     if not views and kinds == {"elementwise"}:
         return ADAM, None, f"used only element-wise ({details('elementwise')})"
     if not views:
-        return ADAM, None, f"not a matmul weight ({'; '.join(d for d in (details('other'), details('elementwise')) if d)})"
+        return ADAM, None, f"not a matmul weight ({non_matmul})"
     (rows, cols), = views
     return MUON, (rows, cols), f"weight of {' and '.join(sorted(ops))}"
 

@@ -143,8 +143,10 @@ def test_linen_scan_stack_with_layer_norm():
 
     x = jnp.ones((2, 8))
     variables = jax.eval_shape(Net().init, jax.random.key(0), x)
-    got = routing_of(infer_routing(lambda v, x: Net().apply(v, x), variables, S((2, 8), F32)))
+    r = infer_routing(lambda v, x: Net().apply(v, x), variables, S((2, 8), F32))
+    got, reasons = routing_of(r), leaves_by_path(r.reasons)
     blocks = "['params']['blocks']"
+    assert reasons[f"{blocks}['ln_1']['scale']"] == "used only element-wise (mul with activations)"
     assert got[f"{blocks}['ln_1']['scale']"] == ("adam", None)          # [3, 16]: stacked, element-wise
     assert got[f"{blocks}['ln_1']['bias']"] == ("adam", None)
     assert got[f"{blocks}['fc_in']['kernel']"] == ("muon", ((1,), (2,)))  # [3, 16, 32]: 3 matrices
