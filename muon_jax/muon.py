@@ -13,7 +13,7 @@ import optax
 from muon_jax.distributed import NsAxis
 from muon_jax.newton_schulz import CoeffsSpec
 from muon_jax.transforms import MatrixAxes, orthogonalize, scale_by_momentum, scale_by_shape
-from muon_jax.views import aligned, is_masked, where
+from muon_jax.views import aligned, is_function, is_masked, where
 
 LABELS = ("muon", "adam")
 _ADAM_PATH = re.compile(r"embed|lm_head|norm|bias", re.IGNORECASE)
@@ -66,7 +66,7 @@ def default_labels(params) -> Any:
 
 def _label_list(labels, params) -> list:
     """The user's labels (None, a pytree or a callable) as one valid label per leaf of ``params``."""
-    tree = default_labels(params) if labels is None else labels(params) if callable(labels) else labels
+    tree = default_labels(params) if labels is None else labels(params) if is_function(labels) else labels
     out = aligned(tree, params, "labels", static_arg="labels")
     for (path, _), label in zip(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0], out):
         if not (isinstance(label, str) and label in LABELS):
@@ -202,9 +202,16 @@ def muon(
       adam_learning_rate: defaults to ``learning_rate``.
       adam_b1, adam_b2, adam_eps: AdamW's parameters.
       adam_weight_decay: defaults to ``weight_decay``.
-      labels: ``None`` (:func:`default_labels`), or a pytree / callable(params) giving ``"muon"`` or
-        ``"adam"`` per leaf.
-      matrix_axes: which two axes of each leaf form the matrix (default: the last two).
+      labels: ``None`` (:func:`default_labels`), or a pytree like the params / a function of the params
+        giving ``"muon"`` or ``"adam"`` per leaf (:func:`muon_jax.infer_routing` returns one). Trees are
+        matched to the params by path (an ``nnx.Variable``'s ``.value`` step aside, so one tree fits
+        ``nnx.Optimizer``'s wrapped ``init`` and bare ``update``); integer and boolean leaves are never
+        updated, whatever their label. Under ``optax.inject_hyperparams`` a function needs
+        ``static_args=("labels",)``.
+      matrix_axes: per leaf ``(rows, cols)``, each an axis or a tuple of axes (the matrix is the leaf
+        transposed to ``batch + rows + cols`` and reshaped to ``[..., prod(rows), prod(cols)]``; ``A, B``
+        above are those products), ``optax.contrib.MuonDimensionNumbers`` or ``None`` (the last two
+        axes); a pytree like the params, or a function of them. See ``muon_jax.views``.
       mu_dtype: dtype of the momentum buffers (both branches).
       mesh: the ``jax.sharding.Mesh`` the parameters are sharded on (``NamedSharding``); None keeps
         single-device semantics. With a mesh, Newton–Schulz is distributed over ``ns_axis``.
@@ -219,7 +226,9 @@ def muon(
         layout (see :func:`muon_jax.orthogonalize`). Optional.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformation`` whose state is ``optax.partition``'s. Bad input (a tree that does
+      not match the params, a bad axis, a gradient shaped unlike its parameter or float0, a bad
+      hyperparameter) raises a ValueError of one line naming the leaf and the fix before anything runs.
     """
     _check_hyperparams(learning_rate, adam_learning_rate, momentum, ns_steps)
     if ns_dtype is not None and isinstance(ns_dtype, jax.Array):
@@ -252,7 +261,9 @@ def muon(
         mask = lambda t: jax.tree.unflatten(  # noqa: E731
             jax.tree.structure(t, is_leaf=is_masked),
             [optax.MaskedNode() if f else x for f, x in zip(frozen, jax.tree.leaves(t, is_leaf=is_masked))])
-        return optax.partition(branches, jax.tree.unflatten(treedef, names)), mask, frozen
+        label_tree = jax.tree.unflatten(treedef, names)
+        # Given as a function: optax.partition would call a callable tree (an equinox module) on the params.
+        return optax.partition(branches, lambda _: label_tree), mask, frozen
 
     def init_fn(params):
         tx, mask, _ = partitioned(params, params)

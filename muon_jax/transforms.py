@@ -10,7 +10,7 @@ pytree like the updates whose entries are ``(rows, cols)`` pairs, each an axis o
 matrix is the leaf transposed to ``batch + rows + cols`` and reshaped to ``[..., prod(rows), prod(cols)]``:
 ``((0, 1, 2), (3,))`` makes a ``[3, 3, c_in, c_out]`` conv kernel one ``[9·c_in, c_out]`` matrix),
 ``optax.contrib.MuonDimensionNumbers`` or ``None`` (the last two axes), or a callable returning such a
-pytree from the updates (see :mod:`muon_jax.views`). Inside :func:`muon_jax.muon` the updates are
+pytree from the updates (see ``muon_jax.views``). Inside :func:`muon_jax.muon` the updates are
 ``optax.partition``-masked, so non-Muon leaves appear as ``optax.MaskedNode`` and their entries are ignored.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from muon_jax.distributed import NsAxis, orthogonalize_sharded, resolve_ns_axes
 from muon_jax.newton_schulz import (CoeffsSpec, newton_schulz_iterate, ns_input, resolve_coeffs, resolve_method,
                                     resolve_restarts)
-from muon_jax.views import MatrixView, is_masked, matrix_views
+from muon_jax.views import MatrixView, is_function, is_masked, matrix_views
 
 MatrixAxes = Union[None, Any, Callable[[Any], Any]]
 ParamSpecs = Union[None, Any, Callable[[Any], Any]]
@@ -38,7 +38,7 @@ def leaf_specs(param_specs: ParamSpecs, updates, params) -> Optional[list]:
     leaf order; None without ``param_specs``."""
     if param_specs is None:
         return None
-    tree = param_specs(params) if callable(param_specs) else param_specs
+    tree = param_specs(params) if is_function(param_specs) else param_specs
     is_spec = lambda x: x is None or isinstance(x, (PartitionSpec, NamedSharding))  # noqa: E731
     specs = jax.tree.leaves(tree, is_leaf=is_spec)
     leaves = jax.tree.leaves(updates, is_leaf=is_masked)

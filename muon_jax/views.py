@@ -21,6 +21,7 @@ import math
 from typing import Optional, Sequence
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -33,6 +34,13 @@ AXES_FORMS = ("None (the last two axes), (row_axis, col_axis), ((rows...), (cols
 
 def is_masked(x) -> bool:
     return isinstance(x, optax.MaskedNode)
+
+
+def is_function(x) -> bool:
+    """Whether an option is a function of the parameters rather than a pytree (an equinox module holding
+    labels is callable too, but it is a pytree node, not a leaf)."""
+    leaves = jax.tree.leaves(x)
+    return callable(x) and len(leaves) == 1 and leaves[0] is x
 
 
 def where(path) -> str:
@@ -74,10 +82,10 @@ def aligned(tree, like, what: str, static_arg: Optional[str] = None) -> list:
     i = next((k for k, (a, b) in enumerate(zip(paths, like_paths)) if a != b), min(len(paths), len(like_paths)))
     if i < len(like_paths) and like_paths[i] not in set(paths):
         diff = f"it has no entry for the parameter at {like_paths[i]}"
-    elif i < len(paths):
+    elif i < len(paths) and paths[i] not in wanted:
         diff = f"it has an entry at {paths[i]}, where the parameters have no leaf"
     else:
-        diff = f"its entries come in another order (first at {paths[i]})"
+        diff = f"its entries repeat or come in another order (first at {(like_paths + paths)[i]})"
     hint = ""
     if static_arg and len(entries) == 1 and len(like_paths) > 1:
         hint = (f" One entry for {len(like_paths)} leaves: under optax.inject_hyperparams a callable {static_arg} "
@@ -88,11 +96,11 @@ def aligned(tree, like, what: str, static_arg: Optional[str] = None) -> list:
 
 def _axis_group(value) -> Optional[tuple]:
     """``value`` (an int or a sequence of ints) as a tuple of ints; None if it is neither."""
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))  # noqa: E731
     if is_int(value):
-        return (value,)
+        return (int(value),)
     if isinstance(value, (tuple, list)) and all(is_int(v) for v in value):
-        return tuple(value)
+        return tuple(int(v) for v in value)
     return None
 
 
@@ -193,6 +201,6 @@ def matrix_views(tree, matrix_axes) -> list[Optional[MatrixView]]:
     """The view of every leaf of ``tree`` (None for ``MaskedNode`` leaves), in leaf order; ``matrix_axes``:
     None (every leaf's last two axes), a pytree like ``tree`` of entries, or a callable returning one."""
     entries = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
-    spec = matrix_axes(tree) if callable(matrix_axes) else matrix_axes
+    spec = matrix_axes(tree) if is_function(matrix_axes) else matrix_axes
     axes = [None] * len(entries) if spec is None else aligned(spec, tree, "matrix_axes", "matrix_axes")
     return [None if is_masked(x) else matrix_view(p, x.shape, a) for (p, x), a in zip(entries, axes)]
