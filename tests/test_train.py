@@ -40,6 +40,8 @@ def test_short_run_learns_and_writes_its_run_dir(tmp_path):
     assert 0.15 < rows[-1]["update_rms_muon"] < 0.3, rows[-1]
     run_dir = tmp_path / "a"
     assert (run_dir / "config.yaml").is_file() and list((run_dir / "tensorboard").iterdir())
+    routing = (run_dir / "routing.txt").read_text().splitlines()   # muon_jax.infer_routing's table, one row a leaf
+    assert any("lm_head" in r and "output layer" in r for r in routing) and sum(" muon " in r for r in routing) == 7
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [30, 60]
     assert isinstance(summary["sample"], str) and len(summary["sample"]) > 5
 

@@ -43,8 +43,8 @@ def make_optimizer(cfg: Config, schedule, mesh: jax.sharding.Mesh | None, param_
 
 
 def routing_args(routing: muon_jax.Routing | None) -> dict:
-    """muon's `labels` from a routing (none: its defaults)."""
-    return {} if routing is None else {"labels": routing.labels}
+    """muon's `labels` and `matrix_axes` from a routing (none: its defaults)."""
+    return {} if routing is None else {"labels": routing.labels, "matrix_axes": routing.matrix_axes}
 
 
 def distributed_muon_args(cfg: Config, mesh: jax.sharding.Mesh | None, param_specs=None) -> dict:
