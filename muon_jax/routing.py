@@ -60,7 +60,7 @@ AxisMap = tuple[frozenset, ...]
 
 # operations that are the identity on their operands' layout (operand i -> output i)
 _IDENTITY = frozenset({
-    "convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint", "mesh_cast", "reshard",
+    "copy", "copy_p", "reduce_precision", "sharding_constraint", "mesh_cast", "reshard",
     "optimization_barrier", "device_put", "pvary", "pbroadcast", "rev", "real", "imag", "name", "tie_in",
 })
 # the primitives whose results carry no gradient (for the output-layer analysis)
@@ -119,7 +119,7 @@ def _is_float(v) -> bool:
 
 
 def _sub_jaxprs(params) -> list:
-    """The (Jaxpr, consts) found among an equation's params."""
+    """The jaxprs among an equation's params (a ClosedJaxpr's consts are read as data by `run`)."""
     found = []
     for value in params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
@@ -370,7 +370,7 @@ def _label(shape, dtype, uses: set, head: bool, ops: set) -> tuple[str, Optional
     if dtype is None:
         return ADAM, None, "not an array"
     if not jnp.issubdtype(dtype, jnp.floating):
-        return ADAM, None, f"{jnp.dtype(dtype).name} leaf"
+        return ADAM, None, f"{dtype} leaf"
     if len(shape) < 2:
         return ADAM, None, f"{len(shape)}-D"
     if not uses:
@@ -410,7 +410,8 @@ class Routing:
         ``[..., prod(rows), prod(cols)]``; every other axis indexes independent matrices), an ``"adam"`` leaf
         ``None``. A pair is itself a tuple pytree: consumers flatten with ``is_leaf`` (see :func:`is_axes_pair`).
       reasons: a pytree like the params of short strings saying why.
-      table: one row per leaf: (path, shape, label, matrix view or "", reason). ``str(routing)`` prints them.
+      table: one row per leaf: (path, shape (None for a non-array leaf), label, matrix view "batch x rows x
+        cols" or "", reason). ``str(routing)`` prints them aligned, under a header.
     """
     labels: Any
     matrix_axes: Any
@@ -419,7 +420,7 @@ class Routing:
 
     def __str__(self) -> str:
         header = ("path", "shape", "label", "matrix (batch x rows x cols)", "reason")
-        rows = [header] + [tuple(str(c) for c in row) for row in self.table]
+        rows = [header] + [tuple("-" if c is None else str(c) for c in row) for row in self.table]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows)
 
@@ -428,7 +429,7 @@ class Routing:
         counts = {MUON: [0, 0], ADAM: [0, 0]}
         for _, shape, label, _, _ in self.table:
             counts[label][0] += 1
-            counts[label][1] += math.prod(shape)
+            counts[label][1] += 0 if shape is None else math.prod(shape)
         part = lambda k: f"{counts[k][0]} {k} ({_human(counts[k][1])} params)"
         return f"routing: {part(MUON)}, {part(ADAM)}"
 
@@ -466,6 +467,9 @@ def infer_routing(fn: Callable, params, *args, **kwargs) -> Routing:
       A :class:`Routing`: ``labels``, ``matrix_axes``, ``reasons`` (pytrees like ``params``), printable as a
       table, with a one-line ``summary()``.
     """
+    if not callable(fn):
+        raise TypeError(f"infer_routing(fn, params, *args): fn must be a function of the params (and args), got "
+                        f"{type(fn).__name__}; pass e.g. lambda params, batch: loss(model, params, batch).")
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in path_leaves]
     traced = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
@@ -500,7 +504,7 @@ def infer_routing(fn: Callable, params, *args, **kwargs) -> Routing:
     labels, axes, reasons, table = [], [], [], []
     slot = {i: k for k, i in enumerate(traced)}
     for i, (path, leaf) in enumerate(path_leaves):
-        shape = tuple(np.shape(leaf)) if i in slot else ()
+        shape = tuple(np.shape(leaf)) if i in slot else None  # None: not an array
         dtype = leaf.dtype if i in slot else None
         uses = analysis.uses[slot[i]] if i in slot else set()
         label, pair, reason = _label(shape, dtype, uses, i in slot and slot[i] in heads,

@@ -39,7 +39,7 @@ def gpt2_params(d=16, vocab=50, ctx=8, layers=2):
                      "ln_2": {"g": S((d,), F32), "b": S((d,), F32)},
                      "mlp": {"c_fc": {"w": S((d, 4 * d), F32), "b": S((4 * d,), F32)},
                              "c_proj": {"w": S((4 * d, d), F32), "b": S((d,), F32)}}}
-    return {"wte": S((vocab, d), F32), "wpe": S((ctx, d), F32), "h": {str(i): block() for i in range(layers)},
+    return {"wte": S((vocab, d), F32), "wpe": S((ctx, d), F32), "h": [block() for _ in range(layers)],
             "ln_f": {"g": S((d,), F32), "b": S((d,), F32)}}
 
 
@@ -53,7 +53,7 @@ def gpt2_logits(params, tokens, heads=2):
     t = tokens.shape[1]
     x = params["wte"][tokens] + params["wpe"][:t]
     for i in range(len(params["h"])):
-        blk = params["h"][str(i)]
+        blk = params["h"][i]
         q, k, v = jnp.split(layer_norm(x, blk["ln_1"]) @ blk["attn"]["c_attn"]["w"] + blk["attn"]["c_attn"]["b"],
                             3, axis=-1)
         split = lambda a: a.reshape(a.shape[0], t, heads, -1)
@@ -74,13 +74,13 @@ def test_gpt2_dict_tied_head():
     r = infer_routing(gpt2_loss, gpt2_params(), tokens, tokens)
     got = routing_of(r)
     muon = {p for p, (label, _) in got.items() if label == "muon"}
-    assert muon == {f"['h']['{i}']['{m}']['{w}']['w']" for i in "01"
+    assert muon == {f"['h'][{i}]['{m}']['{w}']['w']" for i in (0, 1)
                     for m, w in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))}
     assert all(got[p][1] == ((0,), (1,)) for p in muon)
     assert all(axes is None for label, axes in got.values() if label == "adam")
     reasons = leaves_by_path(r.reasons)
     assert "gather" in reasons["['wte']"] and "output" in reasons["['wte']"]  # embedding and tied head
-    assert "1-D" in reasons["['h']['0']['ln_1']['g']"]
+    assert "1-D" in reasons["['h'][0]['ln_1']['g']"]
     # the same model returning logits routes the same
     assert routing_of(infer_routing(gpt2_logits, gpt2_params(), tokens)) == got
 
@@ -376,10 +376,10 @@ def test_disagreeing_uses_go_to_adam_with_a_reason():
 
 # ---------------------------------------------------------------------------------------------- control flow
 def test_followed_through_transforms():
-    """The view survives jit, remat, custom_vjp, vmap, cond, while_loop, scan and shard_map."""
+    """The view survives jit, remat, custom_jvp, custom_vjp, vmap, cond, while_loop, scan and shard_map."""
     from jax.sharding import PartitionSpec as P
     mesh = jax.make_mesh((1,), ("x",))
-    names = ["jit", "remat", "custom_vjp", "vmap", "cond", "while", "scan_t", "shard_map"]
+    names = ["jit", "remat", "custom_jvp", "custom_vjp", "vmap", "cond", "while", "scan_t", "shard_map"]
     params = {n: S((4, 8, 16) if n in ("vmap", "scan_t") else (8, 16), F32) for n in names}
     params["scan_t"] = S((4, 16, 8), F32)          # stored transposed, contracted on axis 2
     params["out"] = S((16, 1), F32)
@@ -389,10 +389,21 @@ def test_followed_through_transforms():
         return x @ w
     matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
 
+    @jax.custom_jvp
+    def softplus_matmul(x, w):
+        return jax.nn.softplus(x @ w)
+
+    @softplus_matmul.defjvp
+    def _(primals, tangents):
+        (x, w), (dx, dw) = primals, tangents
+        y = x @ w
+        return jax.nn.softplus(y), jax.nn.sigmoid(y) * (dx @ w + x @ dw)
+
     def fn(p, x):                                   # x [c, 8]
         ys = [jax.jit(lambda a, w: a @ w)(x, p["jit"]),
               jax.checkpoint(lambda a, w: jnp.tanh(a @ w))(x, p["remat"]),
               matmul(x, p["custom_vjp"]),
+              softplus_matmul(x, p["custom_jvp"]),
               jax.vmap(lambda a, w: a @ w)(jnp.stack([x] * 4), p["vmap"]).sum(0),
               jax.lax.cond(x.sum() > 0, lambda w: x @ w, lambda w: -(x @ w), p["cond"]),
               jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] + x @ p["while"]),
@@ -402,7 +413,7 @@ def test_followed_through_transforms():
               jax.shard_map(lambda a, w: a @ w, mesh=mesh, in_specs=(P(), P()), out_specs=P())(x, p["shard_map"])]
         return sum(jax.nn.relu(y) for y in ys) @ p["out"]
     got = routing_of(infer_routing(fn, params, S((3, 8), F32)))
-    expect = {n: ((0,), (1,)) for n in ("jit", "remat", "custom_vjp", "cond", "while", "shard_map")}
+    expect = {n: ((0,), (1,)) for n in ("jit", "remat", "custom_jvp", "custom_vjp", "cond", "while", "shard_map")}
     expect.update(vmap=((1,), (2,)), scan_t=((2,), (1,)))
     assert {n: got[f"['{n}']"][1] for n in names} == expect
     assert got["['out']"][0] == "adam"
@@ -430,7 +441,7 @@ def test_table_and_summary():
     r = infer_routing(gpt2_loss, gpt2_params(), tokens, tokens)
     lines = str(r).splitlines()
     assert len(lines) == 1 + len(jax.tree.leaves(gpt2_params()))
-    row = next(line for line in lines if line.startswith("['h']['0']['attn']['c_attn']['w']"))
+    row = next(line for line in lines if line.startswith("['h'][0]['attn']['c_attn']['w']"))
     assert "(16, 48)" in row and "muon" in row and "1 x 16 x 48" in row
     assert r.summary().startswith("routing: 8 muon (") and ", 20 adam (" in r.summary()
 
