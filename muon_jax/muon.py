@@ -68,8 +68,8 @@ def _label_list(labels, params) -> list:
     """The user's labels (None, a pytree or a callable) as one valid label per leaf of ``params``."""
     tree = default_labels(params) if labels is None else labels(params) if is_function(labels) else labels
     out = aligned(tree, params, "labels", static_arg="labels")
-    for (path, _), label in zip(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0], out):
-        if not (isinstance(label, str) and label in LABELS):
+    for (path, x), label in zip(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0], out):
+        if not is_masked(x) and not (isinstance(label, str) and label in LABELS):
             hint = "" if isinstance(label, str) else (
                 " (Under optax.inject_hyperparams a callable labels is called as a schedule: pass "
                 "static_args=('labels',).)")
@@ -83,6 +83,8 @@ def _dtype(x):
 
 def _is_integer(x) -> bool:
     """Integer and boolean leaves (step counters, masks, RNG key data) are never updated."""
+    if is_masked(x):  # masked out by an outer optax.masked / optax.partition
+        return False
     dtype = _dtype(x)
     return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
 
@@ -91,7 +93,7 @@ def _check_gradients(updates, params) -> None:
     """One line naming the leaf for gradients that do not fit the parameters or are float0."""
     entries = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_masked)[0]
     for path, g in entries:
-        if _dtype(g) == jax.dtypes.float0:
+        if not is_masked(g) and _dtype(g) == jax.dtypes.float0:
             raise ValueError(
                 f"The gradient at {where(path)} is float0 (jax.grad(..., allow_int=True) of an integer leaf). "
                 "Pass zeros of the parameter's dtype there, e.g. jax.tree.map(lambda g, p: jnp.zeros_like(p) if "
@@ -100,7 +102,7 @@ def _check_gradients(updates, params) -> None:
         return
     grads = aligned(updates, params, "gradients")
     for (path, p), g in zip(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0], grads):
-        if jnp.shape(g) != jnp.shape(p):
+        if not (is_masked(p) or is_masked(g)) and jnp.shape(g) != jnp.shape(p):
             raise ValueError(f"The gradient at {where(path)} has shape {tuple(jnp.shape(g))} but its parameter has "
                              f"shape {tuple(jnp.shape(p))}: pass gradients shaped like the parameters.")
 
@@ -257,7 +259,7 @@ def muon(
         integer leaves masked out of both branches; and ``tree`` and ``params`` so masked."""
         leaves, treedef = jax.tree.flatten(tree, is_leaf=is_masked)
         frozen = [_is_integer(p) for p in jax.tree.leaves(params, is_leaf=is_masked)]
-        names = ["adam" if f else label for f, label in zip(frozen, _label_list(labels, params))]
+        names = ["adam" if f or is_masked(label) else label for f, label in zip(frozen, _label_list(labels, params))]
         mask = lambda t: jax.tree.unflatten(  # noqa: E731
             jax.tree.structure(t, is_leaf=is_masked),
             [optax.MaskedNode() if f else x for f, x in zip(frozen, jax.tree.leaves(t, is_leaf=is_masked))])

@@ -540,3 +540,19 @@ def test_public_namespace_and_default_methods():
     default = lambda f, name: inspect.signature(inspect.unwrap(f)).parameters[name].default  # noqa: E731
     assert default(muon_jax.muon, "ns_method") == default(muon_jax.orthogonalize, "method") \
         == default(muon_jax.newton_schulz, "method") == "auto"
+
+
+def test_muon_under_an_outer_mask():
+    """Inside optax.masked (or another partition) muon sees MaskedNode leaves: they get no label, no check and
+    no update; the others equal muon on the unmasked leaves alone."""
+    params, grads = small_problem()
+    params, grads = {**params, "frozen": jnp.ones((4, 4))}, {**grads, "frozen": jnp.ones((4, 4))}
+    for labels in (None, {"w": "muon", "b": "adam", "frozen": "muon"}):
+        tx = optax.masked(muon_jax.muon(0.1, ns_dtype=jnp.float32, labels=labels),
+                          {"w": True, "b": True, "frozen": False})
+        u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        sub = {k: params[k] for k in ("w", "b")}
+        plain = muon_jax.muon(0.1, ns_dtype=jnp.float32)
+        expect, _ = plain.update({k: grads[k] for k in sub}, plain.init(sub), sub)
+        chex.assert_trees_all_close({k: u[k] for k in sub}, expect, rtol=1e-6)
+        np.testing.assert_array_equal(u["frozen"], grads["frozen"])  # optax.masked passes it through
