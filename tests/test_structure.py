@@ -10,14 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"config": ["train.config"], "package": []},  # train/__init__.py, matched by name only
     {"data": ["train.data"], "models": ["train.models"]},
-    {"runtime": ["train.runtime"], "mfu": ["train.mfu"], "plot": ["train.plot"], "plan": ["train.plan"]},
+    {"runtime": ["train.runtime"], "mfu": ["train.mfu"], "plot": ["train.plot"]},
     {"optim": ["train.optim"], "checkpoint": ["train.checkpoint"], "step": ["train.step"],
      "decode": ["train.decode"], "metrics": ["train.metrics"], "preemption": ["train.preemption"]},
     {"pretrained": ["train.pretrained"]},
     {"loop": ["train.loop"]},
     {"cli": ["train.cli"]},
     {"sft": ["train.sft"], "generate": ["train.generate"], "main": ["train.__main__"],
-     "prepare_data": ["train.prepare_data"]},
+     "prepare_data": ["train.prepare_data"], "plan": ["train.plan"]},  # command lines
 ]
 MAX_FUNCTION_LINES = 60
 
