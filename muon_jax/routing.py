@@ -398,7 +398,6 @@ def _label(shape, dtype, uses: set, head: bool, ops: set) -> tuple[str, Optional
     return MUON, (rows, cols), f"weight of {' and '.join(sorted(ops))}"
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
 class Routing:
     """Where each leaf of a params tree goes, as :func:`infer_routing` read it from the computation.
 
@@ -412,11 +411,24 @@ class Routing:
       reasons: a pytree like the params of short strings saying why.
       table: one row per leaf: (path, shape (None for a non-array leaf), label, matrix view "batch x rows x
         cols" or "", reason). ``str(routing)`` prints them aligned, under a header.
+
+    Example:
+        >>> params = {"w": jnp.zeros((4, 8)), "out": jnp.zeros((8, 1))}
+        >>> routing = muon_jax.infer_routing(lambda p, x: jnp.tanh(x @ p["w"]) @ p["out"], params, jnp.zeros((2, 4)))
+        >>> print(routing)
+        path     shape   label  matrix (batch x rows x cols)  reason
+        ['out']  (8, 1)  adam                                 output layer: its matmul reaches the output
+        ['w']    (4, 8)  muon   1 x 4 x 8                     weight of dot_general
+        >>> routing.summary()
+        'routing: 1 muon (32 params), 1 adam (8 params)'
     """
-    labels: Any
-    matrix_axes: Any
-    reasons: Any
-    table: tuple
+    def __init__(self, labels: Any, matrix_axes: Any, reasons: Any, table: tuple):
+        for name, value in (("labels", labels), ("matrix_axes", matrix_axes), ("reasons", reasons),
+                            ("table", table)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Routing is read-only; infer_routing builds a new one (tried to set {name!r}).")
 
     def __str__(self) -> str:
         header = ("path", "shape", "label", "matrix (batch x rows x cols)", "reason")
@@ -442,13 +454,28 @@ def _human(n: int) -> str:
 
 
 def is_axes_pair(x) -> bool:
-    """Whether `x` is one ``(rows, cols)`` leaf of ``Routing.matrix_axes`` (for ``is_leaf=``)."""
+    """Whether ``x`` is one ``(rows, cols)`` entry of :attr:`Routing.matrix_axes`, for ``is_leaf=``: the pairs are
+    tuples, which pytree functions would otherwise walk into.
+
+    Args:
+      x: any pytree node or leaf.
+
+    Returns:
+      True for a pair of tuples of ints, such as ``((0, 1, 2), (3,))``.
+
+    Example:
+        >>> axes = {"conv": ((0, 1, 2), (3,)), "bias": None}
+        >>> jax.tree.leaves(axes, is_leaf=muon_jax.is_axes_pair)
+        [((0, 1, 2), (3,))]
+        >>> muon_jax.is_axes_pair((0, 1))
+        False
+    """
     return (isinstance(x, tuple) and len(x) == 2
             and all(isinstance(t, tuple) and all(isinstance(i, int) for i in t) for t in x))
 
 
 def infer_routing(fn: Callable, params, *args, **kwargs) -> Routing:
-    """Reads which leaves of ``params`` are hidden matrices, and their matrix axes, from ``fn``'s computation.
+    r"""Reads which leaves of ``params`` are hidden matrices, and their matrix axes, from ``fn``'s computation.
 
     Traces ``fn(params, *args, **kwargs)`` with ``jax.make_jaxpr`` (nothing runs, nothing is allocated; array
     leaves of ``params``, ``args`` and ``kwargs`` may be ``jax.ShapeDtypeStruct``; other leaves, such as flags,
@@ -461,11 +488,25 @@ def infer_routing(fn: Callable, params, *args, **kwargs) -> Routing:
     Args:
       fn: ``fn(params, *args, **kwargs)``, returning the loss or the model output (every float output counts).
       params: the pytree trained (plain dicts and lists, flax linen variables, ``nnx.State``, equinox arrays).
-      *args, **kwargs: the rest of ``fn``'s inputs (a batch, possibly as ``ShapeDtypeStruct``).
+      \*args, \*\*kwargs: the rest of ``fn``'s inputs (a batch, possibly as ``ShapeDtypeStruct``).
 
     Returns:
       A :class:`Routing`: ``labels``, ``matrix_axes``, ``reasons`` (pytrees like ``params``), printable as a
       table, with a one-line ``summary()``.
+
+    Raises:
+      TypeError: ``fn`` is not callable (errors of ``fn`` itself while tracing propagate unchanged).
+
+    Example:
+        >>> params = {"embed": jnp.zeros((100, 16)), "w": jnp.zeros((16, 64)), "head": jnp.zeros((64, 100))}
+        >>> def logits(p, tokens):
+        ...     return jax.nn.relu(p["embed"][tokens] @ p["w"]) @ p["head"]
+        >>> routing = muon_jax.infer_routing(logits, params, jax.ShapeDtypeStruct((8, 32), jnp.int32))
+        >>> routing.labels
+        {'embed': 'adam', 'head': 'adam', 'w': 'muon'}
+        >>> routing.matrix_axes["w"], routing.reasons["embed"]
+        (((0,), (1,)), 'read by a gather (an embedding)')
+        >>> tx = muon_jax.muon(1e-3, labels=routing.labels, matrix_axes=routing.matrix_axes)
     """
     if not callable(fn):
         raise TypeError(f"infer_routing(fn, params, *args): fn must be a function of the params (and args), got "
