@@ -370,11 +370,11 @@ def _label(shape, dtype, uses: set, head: bool, ops: set) -> tuple[str, Optional
     if dtype is None:
         return ADAM, None, "not an array"
     if not jnp.issubdtype(dtype, jnp.floating):
-        return ADAM, None, f"{dtype} leaf"
+        return ADAM, None, f"{dtype} leaf (not floating point)"
     if len(shape) < 2:
-        return ADAM, None, f"{len(shape)}-D"
+        return ADAM, None, f"{len(shape)}-D (below 2-D)"
     if not uses:
-        return ADAM, None, "unused"
+        return ADAM, None, "unused by fn"
     kinds = {kind for kind, _ in uses}
     details = lambda kind: "; ".join(sorted(str(d) for k, d in uses if k == kind))
     if "gather" in kinds:
@@ -389,9 +389,9 @@ def _label(shape, dtype, uses: set, head: bool, ops: set) -> tuple[str, Optional
         described = " vs ".join(f"rows {r} cols {c}" for r, c in sorted(views))
         return ADAM, None, f"disagreeing uses: matmuls view it differently ({described})"
     if head:
-        return ADAM, None, "output layer: its matmul reaches the output"
+        return ADAM, None, "output layer (head): its matmul reaches the output"
     if not views and kinds == {"elementwise"}:
-        return ADAM, None, f"used only element-wise ({details('elementwise')})"
+        return ADAM, None, f"used only elementwise ({details('elementwise')})"
     if not views:
         return ADAM, None, f"not a matmul weight ({non_matmul})"
     (rows, cols), = views
@@ -417,7 +417,7 @@ class Routing:
         >>> routing = muon_jax.infer_routing(lambda p, x: jnp.tanh(x @ p["w"]) @ p["out"], params, jnp.zeros((2, 4)))
         >>> print(routing)
         path     shape   label  matrix (batch x rows x cols)  reason
-        ['out']  (8, 1)  adam                                 output layer: its matmul reaches the output
+        ['out']  (8, 1)  adam                                 output layer (head): its matmul reaches the output
         ['w']    (4, 8)  muon   1 x 4 x 8                     weight of dot_general
         >>> routing.summary()
         'routing: 1 muon (32 params), 1 adam (8 params)'
@@ -429,6 +429,9 @@ class Routing:
 
     def __setattr__(self, name, value):
         raise AttributeError(f"Routing is read-only; infer_routing builds a new one (tried to set {name!r}).")
+
+    def __repr__(self) -> str:
+        return f"<Routing {self.summary()}>"
 
     def __str__(self) -> str:
         header = ("path", "shape", "label", "matrix (batch x rows x cols)", "reason")

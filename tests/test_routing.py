@@ -120,7 +120,7 @@ def test_int_bool_unused_and_non_array_leaves():
     assert [got[k][0] for k in ("['count']", "['mask']", "['spare']", "['name']")] == ["adam"] * 4
     reasons = leaves_by_path(r.reasons)
     assert "int32" in reasons["['count']"] and "bool" in reasons["['mask']"]
-    assert reasons["['spare']"] == "unused" and reasons["['name']"] == "not an array"
+    assert reasons["['spare']"] == "unused by fn" and reasons["['name']"] == "not an array"
 
 
 # ---------------------------------------------------------------------------------------------- flax linen
@@ -146,7 +146,7 @@ def test_linen_scan_stack_with_layer_norm():
     r = infer_routing(lambda v, x: Net().apply(v, x), variables, S((2, 8), F32))
     got, reasons = routing_of(r), leaves_by_path(r.reasons)
     blocks = "['params']['blocks']"
-    assert reasons[f"{blocks}['ln_1']['scale']"] == "used only element-wise (mul with activations)"
+    assert reasons[f"{blocks}['ln_1']['scale']"] == "used only elementwise (mul with activations)"
     assert got[f"{blocks}['ln_1']['scale']"] == ("adam", None)          # [3, 16]: stacked, element-wise
     assert got[f"{blocks}['ln_1']['bias']"] == ("adam", None)
     assert got[f"{blocks}['fc_in']['kernel']"] == ("muon", ((1,), (2,)))  # [3, 16, 32]: 3 matrices
