@@ -63,6 +63,12 @@ _IDENTITY = frozenset({
     "copy", "copy_p", "reduce_precision", "sharding_constraint", "mesh_cast", "reshard",
     "optimization_barrier", "device_put", "pvary", "pbroadcast", "rev", "real", "imag", "name", "tie_in",
 })
+# the primitives with a rule of their own (method `_<name>` of `_Analysis`)
+_RULES = frozenset({
+    "convert_element_type", "transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "slice", "split",
+    "pad", "dynamic_slice", "concatenate", "gather", "dot_general", "ragged_dot_general", "conv_general_dilated",
+    "scan", "while", "cond",
+})
 # the primitives whose results carry no gradient (for the output-layer analysis)
 _NO_GRADIENT = frozenset({"stop_gradient", "argmax", "argmin", "iota", "random_bits", "random_seed", "random_wrap",
                           "random_unwrap", "threefry2x32", "sign", "floor", "ceil", "round", "is_finite"})
@@ -186,9 +192,8 @@ class _Analysis:
 
     def equation(self, eqn, ins: list) -> list:
         name, p = eqn.primitive.name, eqn.params
-        handler = getattr(self, "_" + name.replace("-", "_"), None)
-        if handler is not None:
-            return handler(eqn, ins)
+        if name in _RULES:
+            return getattr(self, "_" + name)(eqn, ins)
         if name in _IDENTITY and len(eqn.invars) == len(eqn.outvars):
             return list(ins)
         subs = _sub_jaxprs(p)
