@@ -42,7 +42,19 @@ def default_labels(params) -> Any:
     It warns once (``warnings.warn``) when it sends to Muon a leaf whose path names ``wte``, ``wpe``,
     ``tok_embeddings``, ``output``, ``head`` or ``classifier`` (an embedding or output head under another
     name), or a 4-D leaf shaped like a ``k × k`` conv kernel, whose matrix is not its last two axes. For
-    those, pass ``labels`` and ``matrix_axes`` (:func:`muon_jax.infer_routing` reads both from the model)."""
+    those, pass ``labels`` and ``matrix_axes`` (:func:`muon_jax.infer_routing` reads both from the model).
+
+    Args:
+      params: the pytree trained (dicts, lists, ``nnx.State`` with its ``nnx.Param`` wrappers, ...).
+
+    Returns:
+      A pytree like ``params`` holding ``"muon"`` or ``"adam"`` per leaf.
+
+    Example:
+        >>> params = {"embed": jnp.zeros((100, 16)), "wq": jnp.zeros((4, 16, 16)), "norm": jnp.ones((4, 16))}
+        >>> muon_jax.default_labels(params)
+        {'embed': 'adam', 'norm': 'adam', 'wq': 'muon'}
+    """
     doubtful = []
 
     def label(path, x):
@@ -231,6 +243,19 @@ def muon(
       An ``optax.GradientTransformation`` whose state is ``optax.partition``'s. Bad input (a tree that does
       not match the params, a bad axis, a gradient shaped unlike its parameter or float0, a bad
       hyperparameter) raises a ValueError of one line naming the leaf and the fix before anything runs.
+
+    Example:
+        >>> params = {"w": jnp.ones((3, 16, 32)), "conv": jnp.ones((3, 3, 4, 8)), "b": jnp.zeros(32)}
+        >>> tx = muon_jax.muon(0.02, labels={"w": "muon", "conv": "muon", "b": "adam"},
+        ...                    matrix_axes={"w": None, "conv": ((0, 1, 2), (3,)), "b": None})
+        >>> grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape), params)
+        >>> updates, state = tx.update(grads, tx.init(params), params)
+        >>> jax.tree.map(jnp.shape, updates)   # the conv kernel was one [36, 8] matrix
+        {'b': (32,), 'conv': (3, 3, 4, 8), 'w': (3, 16, 32)}
+        >>> muon_jax.muon(None)
+        Traceback (most recent call last):
+        ...
+        ValueError: learning_rate=None is not a learning rate: pass a float such as 2e-2 or an optax schedule (a callable step -> rate).
     """
     _check_hyperparams(learning_rate, adam_learning_rate, momentum, ns_steps)
     if ns_dtype is not None and isinstance(ns_dtype, jax.Array):

@@ -123,7 +123,22 @@ def symmetric_matmul(a: jax.Array, b: jax.Array, precision, out_dtype=None) -> j
     """``a @ b`` (in ``out_dtype`` if given) for a product known to be symmetric: a Gram matrix ``X Xᵀ``,
     or the product of two polynomials in one Gram matrix (they commute). Every such product of both NS
     methods goes through here, so a symmetric-GEMM kernel (one triangle computed, then mirrored) can
-    replace it."""
+    replace it.
+
+    Args:
+      a, b: ``[..., n, k]`` and ``[..., k, n]`` arrays whose product is symmetric.
+      precision: ``jax.lax.Precision`` of the matmul (None: the backend's default).
+      out_dtype: the result's dtype (None: that of ``a @ b``).
+
+    Returns:
+      ``a @ b``, ``[..., n, n]``.
+
+    Example:
+        >>> x = jnp.arange(6.0).reshape(2, 3)
+        >>> muon_jax.symmetric_matmul(x, x.T, None)
+        Array([[ 5., 14.],
+               [14., 50.]], dtype=float32)
+    """
     return jnp.matmul(a, b, precision=precision, preferred_element_type=out_dtype)
 
 

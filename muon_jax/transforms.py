@@ -15,8 +15,9 @@ pytree from the updates (see ``muon_jax.views``). Inside :func:`muon_jax.muon` t
 """
 from __future__ import annotations
 
+import collections
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -73,9 +74,23 @@ def check_views(matrix_axes) -> Callable[[Any], optax.EmptyState]:
     return init_fn
 
 
-class ScaleByMomentumState(NamedTuple):
-    """The momentum buffer ``M``, one per parameter."""
-    mu: optax.Updates
+# A plain namedtuple (no field annotation) with its field undocumented: the field is described under
+# Attributes, and Sphinx would otherwise describe it a second time.
+class ScaleByMomentumState(collections.namedtuple("ScaleByMomentumState", ["mu"])):
+    """The state of :func:`scale_by_momentum`: the momentum buffer ``M``, one per parameter.
+
+    Attributes:
+      mu: a pytree like the parameters (in ``mu_dtype``, else their dtype), zeros at ``init``.
+
+    Example:
+        >>> state = muon_jax.scale_by_momentum().init({"w": jnp.ones((2, 3))})
+        >>> state.mu["w"].shape
+        (2, 3)
+    """
+    __slots__ = ()
+
+
+ScaleByMomentumState.mu.__doc__ = None
 
 
 def scale_by_momentum(
@@ -95,6 +110,16 @@ def scale_by_momentum(
       momentum: ``μ``.
       nesterov: use the Nesterov look-ahead ``G + μM``.
       mu_dtype: dtype of the buffer (default: the parameter's). The output keeps the gradient's dtype.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ScaleByMomentumState`.
+
+    Example:
+        >>> tx = muon_jax.scale_by_momentum(0.9)
+        >>> g = jnp.array([1.0, 2.0])
+        >>> out, state = tx.update(g, tx.init(g))
+        >>> [round(float(v), 4) for v in state.mu], [round(float(v), 4) for v in out]   # M = G, then G + μM
+        ([1.0, 2.0], [1.9, 3.8])
 
     References:
       Liu et al., *Muon is Scalable for LLM Training*, arXiv 2502.16982, Algorithm 1.
@@ -158,6 +183,17 @@ def orthogonalize(
         matching the parameters or a callable returning one from them. Optional: on ``Auto`` meshes
         the layout of a traced array cannot be read, and with it ``"placed"`` moves each piece
         straight to its owner instead of having XLA reshard each leaf first.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+        >>> g = {"w": jax.random.normal(jax.random.key(0), (16, 64))}
+        >>> tx = muon_jax.orthogonalize(dtype=jnp.dtype("float32"))
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> s = np.linalg.svd(np.asarray(u["w"]), compute_uv=False)
+        >>> bool(0.6 < s.min() and s.max() < 1.25)   # Moonlight's quintic leaves singular values near 1
+        True
     """
     # Fail at construction on an unknown name (dtype may arrive as an array under inject_hyperparams).
     resolve_coeffs(coeffs, 1)
@@ -231,6 +267,16 @@ def scale_by_shape(
     Args:
       lr_scale: the rule above.
       matrix_axes: the ``(rows, cols)`` axes of each leaf's matrix; see the module docstring.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+        >>> x = {"w": jnp.ones((16, 64)), "conv": jnp.ones((3, 3, 4, 16))}
+        >>> tx = muon_jax.scale_by_shape(matrix_axes={"w": None, "conv": ((0, 1, 2), (3,))})
+        >>> u, _ = tx.update(x, tx.init(x))
+        >>> round(float(u["w"][0, 0]), 4), round(float(u["conv"][0, 0, 0, 0]), 4)   # 0.2·√64, 0.2·√36
+        (1.6, 1.2)
     """
     shape_scale(lr_scale, (1, 1))  # fail at construction on an unknown name
 
