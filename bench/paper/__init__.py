@@ -17,6 +17,9 @@ Every finished run writes one JSON record (`bench/paper/records/KEY.json`, writt
 (`results.md`, `results.json`, `paper_*.png`) is computed from the records alone (`--report-only` trains
 nothing and is byte-identical on rerun). Without `--report-only` the study trains the runs that have no record,
 in plan order (`plan.next_spec`), then reports; an interrupted run leaves no record and restarts from scratch.
+The study commits nothing; commit the records as they land. In the background on one core, e.g.:
+
+    nohup nice -n 19 setsid taskset -c 0 .venv/bin/python -m bench.paper > runs/paper-study.log 2>&1 &
 
 Modules, bottom up: `plan` (sizes, `Spec`, sweeps, what runs next), `records` (record files, machine, commit),
 `runs` (train one spec into a record), `analysis` (cells, the compute ratio and its bootstrap, LR transfer,

@@ -214,11 +214,12 @@ def next_spec(plan: Plan, records: dict[str, dict]) -> Spec | None:
     return None
 
 
-# Sizes from a measured run time (single core, nice 19, beside other work): d64-L2 ~14k tokens/s, d192-L4 ~2.1k.
-# Four sizes spanning 9.8x in non-embedding params at 5 tokens per parameter; a scaling run costs 1-13 min with
-# its evaluation on the whole 1.8M-token validation split. Scaling ~3.5 h, LR transfer ~1.2 h, SFT ~0.3 h.
+# Sizes from measured run times (nice 19 beside other work, the whole 1.8M-token validation split evaluated at
+# the end): d48-L2 20-40 s, d64-L3 ~60 s, d96-L3 ~150 s per run on up to 2 cores; d128-L3 / d128-L4 about 10 / 15
+# min on one. Five sizes spanning 13x in non-embedding params at 5 tokens per parameter (the largest, d128-L4,
+# extends AdamW's loss range down to Muon's larger sizes). Scaling ~4.5 h, LR transfer ~1 h, SFT ~0.3 h.
 FULL = Plan(
-    sizes=(Size(48, 2), Size(64, 3), Size(96, 3), Size(128, 3)),
+    sizes=(Size(48, 2), Size(64, 3), Size(96, 3), Size(128, 3), Size(128, 4)),
     tokens_per_param=5.0,
     centres={"adamw": 4e-3, "muon-moonlight": 8e-3, "muon-spectral": 3.2e-2},
     seeds=(0, 1), more_seeds=(0, 1, 2), more_seeds_at=(Size(48, 2), Size(64, 3)),
