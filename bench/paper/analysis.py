@@ -20,6 +20,7 @@ def mode_of(record: dict) -> str:
 
 
 def loss_of(record: dict) -> float:
+    """A record's final val loss; +inf if it diverged (so it never wins a sweep)."""
     return math.inf if record["diverged"] else float(record["final_val_loss"])
 
 
@@ -41,6 +42,7 @@ class Best:
 
     @property
     def mean(self) -> float:
+        """Mean loss over seeds."""
         return float(np.mean(self.losses))
 
     @property
@@ -121,6 +123,7 @@ def compute_ratios(records: dict[str, dict]) -> dict[str, dict]:
              for name, key in (("model", "train_flops"), ("with_ns", "train_flops_ns"))}
 
     def ratios(drawn: dict) -> dict[str, tuple[float | None, int]]:
+        """(ratio, points) without and with NS FLOPs for a set of sweeps."""
         return {name: ratio_at_matched_loss(frontier(drawn, f, "adamw"), frontier(drawn, f, "muon-moonlight"))
                 for name, f in flops.items()}
 

@@ -44,6 +44,7 @@ class Size:
 
 @functools.lru_cache(maxsize=None)
 def non_embedding_params(size: Size, vocab_size: int) -> int:
+    """`Size.non_embedding_params`, cached: the plan asks for it at every scheduling step."""
     from train.models import LlamaConfig, param_counts   # noqa: PLC0415 (plan stays importable alone)
     heads = max(1, size.hidden // 32)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=size.hidden, intermediate_size=3 * size.hidden,
@@ -66,6 +67,7 @@ class Spec:
 
     @property
     def optimizer(self) -> str:
+        """'adamw' or 'muon'."""
         return self.mode.split("-")[0]
 
     @property
@@ -97,9 +99,11 @@ class Sweep:
     pretrain: Spec | None = None
 
     def spec(self, lr: float, seed: int = 0) -> Spec:
+        """The sweep's run at `lr` and `seed`."""
         return Spec(self.study, self.size, self.mode, lr, self.steps, seed, self.pretrain)
 
     def initial_grid(self) -> list[float]:
+        """`points` LRs ×`factor` apart centred on `centre` (4 significant digits, so keys stay short)."""
         half = (self.points - 1) / 2
         return [float(f"{self.centre * self.factor ** (i - half):.4g}") for i in range(self.points)]
 
@@ -171,12 +175,14 @@ class Plan:
         return math.ceil(self.tokens_per_param * size.non_embedding_params(self.vocab_size) / self.tokens_per_step)
 
     def scaling_sweeps(self) -> list[Sweep]:
+        """Both optimizers at every size, smallest first (Muon with the Moonlight scaling)."""
         return [Sweep("scaling", s, mode, self.steps_for(s), self.centres[mode],
                       self.more_seeds if s in self.more_seeds_at else self.seeds, self.points,
                       max_extend=self.max_extend)
                 for s in self.sizes for mode in ("adamw", "muon-moonlight")]
 
     def transfer_sweeps(self) -> list[Sweep]:
+        """The three MODES at every transfer width, narrowest first."""
         return [Sweep("lr_transfer", Size(w, self.transfer_layers), mode, self.transfer_steps, self.centres[mode],
                       (0,), self.points, max_extend=self.max_extend)
                 for w in self.transfer_widths for mode in MODES]

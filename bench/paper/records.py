@@ -61,6 +61,7 @@ def machine() -> str:
 
 
 def git(*args: str) -> str:
+    """stdout of a git command in the repository ('' if git fails)."""
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
 from bench.paper.analysis import (BOOTSTRAP_REPLICATES, best_lr, cells, compute_ratios, frontier, lr_transfer,
                                   mode_of, sft_2x2)
@@ -30,11 +31,13 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def size_order(name: str) -> tuple[int, int]:
+    """(width, depth) of a size name like 'd64-L3', for sorting."""
     d, layers = re.match(r"d(\d+)-L(\d+)", name).groups()
     return int(d), int(layers)
 
@@ -57,55 +60,61 @@ def sweep_table(sweeps: dict, groups: list) -> tuple[list[list], list[float]]:
     return rows, lrs
 
 
-def scaling_section(records: dict, out: Path) -> tuple[str, dict]:
+MARKERS = "osD^vP*X"   # one per size in the sweep panels
+
+
+def mean_curve(sweep: dict) -> list[tuple[float, float]]:
+    """(lr, mean loss over seeds) of a sweep's finite cells, sorted by LR."""
+    points = sorted((lr, float(np.mean(list(v.values())))) for lr, v in sweep.items())
+    return [(x, y) for x, y in points if math.isfinite(y)]
+
+
+def scaling_figure(sweeps: dict, flops: dict, sizes: list[str], lrs: list[float], out: Path) -> str:
+    """Left: each size's best-LR loss vs FLOPs and the frontier per optimizer; right: the LR sweeps."""
+    fig, axes = figure(2)
+    left, right = axes[0]
+    for mode in ("adamw", "muon-moonlight"):
+        bests = [(flops[g], best_lr(sweeps[g])) for g in sorted(sweeps, key=lambda g: size_order(g[0]))
+                 if g[1] == mode]
+        for i, (c, b) in enumerate((c, b) for c, b in bests if math.isfinite(b.mean)):
+            left.errorbar([c], [b.mean], yerr=[b.std], fmt="o", color=COLOR[mode], capsize=3,
+                          mfc=COLOR[mode] if b.interior else "white",
+                          label=f"{LABEL[mode]}: best LR per size, ± std over seeds" if i == 0 else None)
+        pts = frontier(sweeps, flops, mode)
+        if pts:
+            left.plot(*zip(*pts), "-", color=COLOR[mode], label=f"{LABEL[mode]} frontier (interior best LRs)")
+        for i, size in enumerate(sizes):
+            curve = mean_curve(sweeps.get((size, mode), {}))
+            if curve:
+                right.plot(*zip(*curve), "-" if mode == "adamw" else "--", marker=MARKERS[i % len(MARKERS)], ms=4,
+                           color=COLOR[mode], label=f"{LABEL[mode]}, {size}")
+    log_compute_axis(left)
+    left.set(xlabel="training FLOPs (model, without NS)", ylabel="final val loss (nats/token)",
+             title="frontier (hollow: best LR at a grid edge)")
+    lr_axis(right, lrs)
+    right.set(xlabel="peak learning rate", ylabel="final val loss (nats/token)", title="LR sweeps (mean over seeds)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return save(fig, out, "paper_scaling.png", "configs/paper_base.yaml; one point per run cell, seeds averaged")
+
+
+def scaling_section(records: dict, out: Path) -> str:
+    """Section 1: sizes and token budgets, the LR sweeps per size and optimizer, their best cells, the figure."""
     sweeps = cells(records, "scaling")
     groups = sorted(sweeps, key=lambda g: (size_order(g[0]), g[1]))
     if not groups:
-        return "## 1. Scaling: loss vs training compute\n\nNo scaling records yet.", {}
+        return "## 1. Scaling: loss vs training compute\n\nNo scaling records yet."
     rows, lrs = sweep_table(sweeps, groups)
-    by_size = {}
-    for r in records.values():
-        if r["study"] == "scaling":
-            by_size[r["size"]] = r
+    by_size = {r["size"]: r for r in records.values() if r["study"] == "scaling"}
     sizes = sorted(by_size, key=size_order)
-    size_rows = [[s, f"{by_size[s]['non_embedding_params']:,}", f"{by_size[s]['params']:,}", f"{by_size[s]['tokens']:,}",
-                  f"{by_size[s]['tokens'] / by_size[s]['non_embedding_params']:.2f}", f"{by_size[s]['train_flops']:.3e}"]
-                 for s in sizes]
+    size_rows = [[s, f"{r['non_embedding_params']:,}", f"{r['params']:,}", f"{r['tokens']:,}",
+                  f"{r['tokens'] / r['non_embedding_params']:.2f}", f"{r['train_flops']:.3e}"]
+                 for s, r in ((s, by_size[s]) for s in sizes)]
     flops = {(r["size"], mode_of(r)): r["train_flops"] for r in records.values() if r["study"] == "scaling"}
-    best_rows = []
-    for g in groups:
-        b = best_lr(sweeps[g])
-        best_rows.append([g[0], LABEL[g[1]], f"{b.lr:g}", "yes" if b.interior else "no", len(b.losses),
-                          fmt(b.mean), fmt(b.std), f"{flops[g]:.3e}"])
-    fig, axes = figure(2)
-    for mode in ("adamw", "muon-moonlight"):
-        pts = frontier(sweeps, flops, mode)
-        bests = [(flops[g], best_lr(sweeps[g])) for g in groups if g[1] == mode]
-        bests = [(c, b) for c, b in bests if math.isfinite(b.mean)]
-        for i, (c, b) in enumerate(bests):
-            axes[0][0].errorbar([c], [b.mean], yerr=[b.std], fmt="o", color=COLOR[mode], capsize=3,
-                                mfc=COLOR[mode] if b.interior else "white",
-                                label=f"{LABEL[mode]}: best LR per size, ± std over seeds" if i == 0 else None)
-        if pts:
-            axes[0][0].plot(*zip(*pts), "-", color=COLOR[mode], label=f"{LABEL[mode]} frontier (interior best LRs)")
-        for s in sizes:
-            g = (s, mode)
-            if g in sweeps:
-                p = sorted((lr, float(np.mean(list(v.values())))) for lr, v in sweeps[g].items())
-                p = [(x, y) for x, y in p if math.isfinite(y)]
-                if p:
-                    axes[0][1].plot(*zip(*p), "-o" if mode == "adamw" else "--s", ms=4, color=COLOR[mode],
-                                    alpha=0.4 + 0.6 * (sizes.index(s) + 1) / len(sizes), label=f"{LABEL[mode]}, {s}")
-    log_compute_axis(axes[0][0])
-    axes[0][0].set(xlabel="training FLOPs (model, without NS)", ylabel="final val loss (nats/token)",
-                   title="frontier (hollow: best LR at a grid edge)")
-    lr_axis(axes[0][1], lrs)
-    axes[0][1].set(xlabel="peak learning rate", ylabel="final val loss (nats/token)", title="LR sweeps (mean over seeds)")
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    image = save(fig, out, "paper_scaling.png", "configs/paper_base.yaml; one point per run cell, seeds averaged")
-    text = "\n".join([
+    best_rows = [[g[0], LABEL[g[1]], f"{b.lr:g}", "yes" if b.interior else "no", len(b.losses), fmt(b.mean),
+                  fmt(b.std), f"{flops[g]:.3e}"] for g, b in ((g, best_lr(sweeps[g])) for g in groups)]
+    return "\n".join([
         "## 1. Scaling: loss vs training compute",
         "",
         "Sizes and token budgets (every scaling run of a size trains the same tokens in the same order per seed):",
@@ -120,12 +129,12 @@ def scaling_section(records: dict, out: Path) -> tuple[str, dict]:
         table(["size", "optimizer", "best LR", "interior", "seeds", "mean loss", "std over seeds", "train FLOPs"],
               best_rows),
         "",
-        image,
+        scaling_figure(sweeps, flops, sizes, lrs, out),
     ])
-    return text, {"sweeps": sweeps, "flops": flops}
 
 
 def ratio_section(records: dict) -> tuple[str, dict]:
+    """Section 2: the compute ratio with and without NS FLOPs, its CI and method; and results.json's part."""
     ratios = compute_ratios(records)
     without, with_ns = ratios["model"], ratios["with_ns"]
     lines = ["## 2. Compute ratio at matched loss", "", RATIO_METHOD, ""]
@@ -150,13 +159,43 @@ def ratio_section(records: dict) -> tuple[str, dict]:
                                                                                            "points")}}
 
 
+def transfer_figure(sweeps: dict, best: dict, sizes: list[str], steps: str, out: Path) -> str:
+    """One panel per mode (loss vs LR, a line per width), and the best LR against width for every mode."""
+    fig, axes = figure(len(best) + 1)
+    for ax, mode in zip(axes[0], sorted(best)):
+        lrs = [lr for s in sizes for lr in sweeps.get((s, mode), {})]
+        for i, size in enumerate(sizes):
+            curve = mean_curve(sweeps.get((size, mode), {}))
+            if curve:
+                ax.plot(*zip(*curve), "-o", ms=4, color=f"C{i}", label=size)
+        lr_axis(ax, lrs)
+        ax.set(title=LABEL[mode], xlabel="peak learning rate", ylabel="final val loss (nats/token)")
+    drift = axes[0][-1]
+    for mode, by in sorted(best.items()):
+        widths = sorted(by, key=size_order)
+        drift.plot([size_order(s)[0] for s in widths], [by[s].lr for s in widths], "-o", color=COLOR[mode],
+                   label=LABEL[mode])
+    drift.set(xscale="log", yscale="log", title="best LR vs width", xlabel="d_model", ylabel="best peak LR")
+    drift.xaxis.set_major_locator(FixedLocator(sorted({size_order(s)[0] for s in sizes})))
+    drift.xaxis.set_major_formatter(ScalarFormatter())
+    drift.xaxis.set_minor_locator(NullLocator())
+    found = sorted({b.lr for by in best.values() for b in by.values()})
+    drift.set_yticks(found[::max(1, len(found) // 6)], [f"{x:g}" for x in found[::max(1, len(found) // 6)]])
+    drift.yaxis.set_minor_locator(NullLocator())
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save(fig, out, "paper_lr_transfer.png", f"configs/paper_base.yaml, {steps} steps, one seed")
+
+
 def transfer_section(records: dict, out: Path) -> tuple[str, dict]:
+    """Section 3: the best LR per width and mode, its drift across widths, the figure; and results.json's part."""
     best = lr_transfer(records)
     sweeps = cells(records, "lr_transfer")
     if not best:
         return "## 3. LR transfer across width\n\nNo LR-transfer records yet.", {}
     sizes = sorted({s for by in best.values() for s in by}, key=size_order)
-    steps = sorted({r["steps"] for r in records.values() if r["study"] == "lr_transfer"})
+    steps = "/".join(map(str, sorted({r["steps"] for r in records.values() if r["study"] == "lr_transfer"})))
     rows, lines = [], []
     for mode in sorted(best):
         by = best[mode]
@@ -168,37 +207,23 @@ def transfer_section(records: dict, out: Path) -> tuple[str, dict]:
             lines.append(f"- {LABEL[mode]}: " + (f"the best LR is the same at all {len(found)} widths (within the "
                          "grid's ×2 steps)." if spread == 1 else f"the best LR moves ×{spread:g} across {len(found)} "
                          f"widths (narrowest → widest: ×{found[-1] / found[0]:g})."))
-    fig, axes = figure(len(best))
-    for ax, mode in zip(axes[0], sorted(best)):
-        lrs = []
-        for i, s in enumerate(sizes):
-            if (s, mode) in sweeps:
-                p = sorted((lr, float(np.mean(list(v.values())))) for lr, v in sweeps[s, mode].items())
-                lrs += [x for x, _ in p]
-                p = [(x, y) for x, y in p if math.isfinite(y)]
-                if p:
-                    ax.plot(*zip(*p), "-o", ms=4, color=f"C{i}", label=s)
-        lr_axis(ax, lrs)
-        ax.set(title=LABEL[mode], xlabel="peak learning rate", ylabel="final val loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    image = save(fig, out, "paper_lr_transfer.png", f"configs/paper_base.yaml, {'/'.join(map(str, steps))} steps")
     text = "\n".join([
         "## 3. LR transfer across width",
         "",
-        f"Fixed depth, {'/'.join(map(str, steps))} steps (a shorter horizon than the scaling runs), one seed, "
-        "×2 LR grids extended until the best is interior. Best LR per width:",
+        f"Fixed depth, {steps} steps (a shorter horizon than the scaling runs), one seed, ×2 LR grids extended "
+        "until the best is interior. Best LR per width:",
         "",
         table(["mode", *sizes], rows),
         "",
         *lines,
         "",
-        image,
+        transfer_figure(sweeps, best, sizes, steps, out),
     ])
     return text, {mode: {s: by[s].lr for s in sorted(by, key=size_order)} for mode, by in sorted(best.items())}
 
 
 def sft_section(records: dict) -> tuple[str, dict]:
+    """Section 4: the SFT 2×2 (mean ± std over seeds at each cell's best LR); and results.json's part."""
     result = sft_2x2(records)
     if not result:
         return "## 4. SFT 2×2\n\nNo SFT records yet.", {}
@@ -225,6 +250,7 @@ def sft_section(records: dict) -> tuple[str, dict]:
 
 
 def runs_section(records: dict) -> str:
+    """Every run with its size, tokens, loss, evaluation size, time and commit; the total time."""
     rows = []
     for k in sorted(records):
         r = records[k]
@@ -260,6 +286,7 @@ def values(records: dict, get, study: str | None = None) -> str:
 
 
 def header(plan: Plan, records: dict) -> str:
+    """Title, provenance, the regime (from the records' configs), FLOP accounting and machines."""
     machines = sorted({r["machine"] + " / " + r["device"] for r in records.values()})
     scaling = [r for r in records.values() if r["study"] == "scaling"]
     ratios = [r["tokens"] / r["non_embedding_params"] for r in scaling]
@@ -295,6 +322,7 @@ def header(plan: Plan, records: dict) -> str:
 
 
 def limitations() -> str:
+    """What the study cannot show."""
     return "\n".join([
         "## Limitations",
         "",
@@ -327,7 +355,7 @@ def rounded(x):
 def write_report(plan: Plan, records: dict, out: Path) -> Path:
     """Write out/results.md, out/results.json and out/paper_*.png from `records`."""
     out.mkdir(parents=True, exist_ok=True)
-    scaling, _ = scaling_section(records, out)
+    scaling = scaling_section(records, out)
     ratio, ratio_json = ratio_section(records)
     transfer, transfer_json = transfer_section(records, out)
     sft, sft_json = sft_section(records)

@@ -60,6 +60,7 @@ def train_spec(spec: Spec, plan: Plan, runs: Path, records: Path) -> dict:
 
 
 def run_trainer(spec: Spec, cfg) -> dict:
+    """The trainer's summary of `spec`: `train.sft.sft` for an SFT run, `train.loop.train` otherwise."""
     if spec.study == "sft":
         from train.sft import sft   # noqa: PLC0415 (chat templates and HF export only for SFT runs)
         return sft(cfg)
