@@ -149,6 +149,16 @@ def test_report_only_is_deterministic_and_computed_from_the_records(tmp_path):
     assert "**Partial report**" in (tmp_path / "d" / "results.md").read_text()
 
 
+def test_a_bad_record_is_one_clear_error_naming_its_file(tmp_path):
+    from bench.paper.records import RecordError
+    (tmp_path / "scaling-x.json").write_text(json.dumps({"study": "scaling", "key": "scaling-x"}))
+    with pytest.raises(RecordError, match=r"scaling-x\.json: missing keys \['size'.*delete it and rerun"):
+        read_records(tmp_path)
+    with pytest.raises(RecordError, match="lacks"):
+        write_record(tmp_path, {"key": "y"})
+    assert not list(tmp_path.glob("y*"))
+
+
 def quick(out: Path, records: Path, runs: Path) -> subprocess.CompletedProcess:
     # the CLI as a user runs it: one CPU device (not the 8 simulated ones conftest sets for the other tests)
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
