@@ -25,6 +25,19 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
 
 
+# The one small trainer config of the end-to-end tests (test_train, test_reliability, test_prepare's runs may use it
+# too). Everything the jitted step and init see is the same in every run: model, seq_len, batch, optimizer, and a
+# constant LR after a fixed warmup (a cosine schedule's constants depend on `steps`, so each run length compiled
+# its own step). The step then compiles once and every run of any length (steps > warmup_steps) loads it from the
+# persistent cache. Tests vary only what the step does not see (steps, logging, checkpoints, eval) or what they
+# test (mesh, grad_accum, MuonClip, the model).
+SMALL_TRAINER = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+                 "model.num_attention_heads=4", "model.num_key_value_heads=2", "seq_len=64", "global_batch=16",
+                 "data.tokenizer=byte", "log.eval_batches=1", "log.eval_every=1000", "log.tensorboard=false",
+                 "log.sample_tokens=0", "optimizer.ns_dtype=float32", "optimizer.learning_rate=0.02",
+                 "schedule.name=constant", "schedule.warmup_steps=3", "mesh.data=1"]
+
+
 def hf_config(family):
     """A tiny transformers config of each family (and variant) we import and export."""
     import transformers
@@ -115,6 +128,14 @@ def make_random_model(config, seed=0, stddev=0.2):
         return jnp.asarray(rng.normal(0, 0.5 if "bias" in name else stddev, v.shape), v.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `slow` tests (end-to-end runs and subprocess jobs of up to minutes) first, the rest in file order after
+    them: under `-n 2` the longest tests start at once while the other worker takes the short ones, instead of one
+    worker finishing a 2-minute test alone at the end of the run. Fixtures that a slow test shares with the rest of
+    its file are session-scoped, so the split order computes none of them twice."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each group
 
 
 @pytest.fixture(scope="session")

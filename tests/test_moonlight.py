@@ -91,7 +91,7 @@ def reference_encoding(path: Path):
     return tiktoken.Encoding("reference", pat_str=REFERENCE_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the slow test that reads it runs first (tests/conftest.py)
 def moonlight_dir(tmp_path_factory, reference_model):
     return write_moonlight_dir(tmp_path_factory.mktemp("moonlight"), reference_model("moonlight_tiny"))
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import SMALL_TRAINER as SMALL  # one step for every run of every length
 
 import train.step as step_mod
 from train.checkpoint import CheckpointError, Checkpointer
@@ -27,10 +28,6 @@ from train.preemption import Preempted
 from train.runtime import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-         "model.num_attention_heads=4", "model.num_key_value_heads=2", "seq_len=64", "global_batch=16",
-         "data.tokenizer=byte", "log.eval_batches=1", "log.tensorboard=false", "log.sample_tokens=0",
-         "optimizer.ns_dtype=float32", "schedule.warmup_steps=3", "mesh.data=1", "log.eval_every=1000"]
 
 
 def config(run_dir, *overrides):
@@ -57,9 +54,10 @@ def wait_for_step(run_dir, step, proc, timeout=240):
     raise TimeoutError(f"step {step} not reached")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight(tmp_path_factory):
-    """Per-step losses of an uninterrupted 12-step run: what every interrupted and resumed run must reproduce."""
+    """Per-step losses of an uninterrupted 12-step run: what every interrupted and resumed run must reproduce (once
+    per worker, whichever of its tests runs first)."""
     run_dir = tmp_path_factory.mktemp("straight") / "r"
     train(config(run_dir, "steps=12", "log.every=1", "checkpoint.every=1000"))
     return losses(run_dir)
@@ -87,15 +85,17 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, straight
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_keeps_older(tmp_path, caplog, straight):
-    common = ["steps=12", "log.every=1", "checkpoint.every=4", "checkpoint.keep=5", "checkpoint.async_save=false"]
+    """An in-process run stopped after step 8 (asynchronous saves), its newest checkpoint then corrupted: the rerun
+    resumes from step 4 and reproduces the straight run bit for bit."""
+    common = ["steps=12", "log.every=1", "checkpoint.every=4", "checkpoint.keep=5"]
     run_dir = tmp_path / "r"
-    train(config(run_dir, *common), stop_after=8)
+    train(config(run_dir, *common, "checkpoint.async_save=true"), stop_after=8)
     ckpts = run_dir / "checkpoints"
     for f in (ckpts / "8" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncate every data file of the newest
     with caplog.at_level("WARNING", logger="train"):
-        summary = train(config(run_dir, *common))
+        summary = train(config(run_dir, *common, "checkpoint.async_save=false"))
     assert summary["start_step"] == 4
     assert "checkpoint" in caplog.text and "/8" in caplog.text and "resuming from step 4" in caplog.text
     assert (ckpts / "4").is_dir() and list(ckpts.glob("unreadable-8-*"))
@@ -142,13 +142,13 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         train(config(tmp_path / "c", "steps=2", f"data.source={tmp_path / 'nothing.txt'}"))
     run_dir = tmp_path / "d"
-    train(config(run_dir, "steps=2", "checkpoint.every=2"))
+    train(config(run_dir, "steps=4", "checkpoint.every=4"))
     with pytest.raises(ConfigError, match="different 'model'"):
-        train(config(run_dir, "steps=4", "model.hidden_size=32"))
+        train(config(run_dir, "steps=8", "model.hidden_size=32"))
     (run_dir / "config.yaml").unlink()  # even without the saved config, the checkpoint itself is checked
     with pytest.raises(CheckpointError, match=r"embed_tokens/embedding has shape \(257, 64\) there but \(257, 32\)"):
-        train(config(run_dir, "steps=4", "model.hidden_size=32"))
-    assert (run_dir / "checkpoints" / "2").is_dir()
+        train(config(run_dir, "steps=8", "model.hidden_size=32"))
+    assert (run_dir / "checkpoints" / "4").is_dir()
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -22,7 +22,10 @@ from train.step import cross_entropy
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=32", "model.intermediate_size=64", "seq_len=128", "global_batch=8",
          "log.eval_batches=2", "log.tensorboard=false", "log.sample_tokens=0", "schedule.warmup_steps=3",
-         "mesh.data=1", "optimizer.learning_rate=0.02"]
+         "mesh.data=1", "optimizer.learning_rate=0.02",
+         # constant after the warmup: unlike cosine it does not depend on `steps`, so runs of every length
+         # (> warmup) share one compiled step (tests/conftest.py: SMALL_TRAINER)
+         "schedule.name=constant"]
 BYTE = ByteTokenizer()
 BYTE_CHAT = ChatFormat(BYTE.encode, BYTE.eos_id, "<|endoftext|>")
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
@@ -98,7 +101,7 @@ def conversations():
     return [BYTE_CHAT.tokenize([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in qa]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def packed():
     """Four conversations packed into row 0, and each alone in rows 1-4 (right-padded: causal attention never
     sees the padding); `loss_and_logits(params, targets)` is the trainer's loss over all rows, jitted once."""
@@ -154,8 +157,10 @@ def test_loss_and_gradients_ignore_prompt_targets_but_not_reply_targets(packed):
 
 # ------------------------------------------------------------------------------------------------ end to end
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight(tmp_path_factory):
+    """A 16-step fine-tuning run, checkpointed at 8 and 16 and exported: (run_dir, summary, stdout). Session-scoped,
+    so a worker computes it once however the tests that read it are scheduled."""
     run_dir, out = tmp_path_factory.mktemp("sft") / "straight", io.StringIO()
     with contextlib.redirect_stdout(out):
         summary = sft(config(run_dir, "steps=16", "log.every=4", "log.eval_every=8", "checkpoint.every=8",
@@ -212,7 +217,7 @@ def test_hf_export_round_trip_and_fine_tuning_from_it(straight, tmp_path):
     assert "<|assistant|>" in hf.chat_template
 
     # fine-tuning from the export starts where the straight run ended (weights, tokenizer and template carried over)
-    again = sft(config(tmp_path / "from_hf", "steps=2", f"sft.init_from={export}"))
+    again = sft(config(tmp_path / "from_hf", "steps=4", f"sft.init_from={export}"))
     assert again["initial_val_loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
     saved = load_config(tmp_path / "from_hf" / "config.yaml")
     assert saved.model == ours.config.to_dict() and saved.data.tokenizer == str(export.resolve())
@@ -220,7 +225,7 @@ def test_hf_export_round_trip_and_fine_tuning_from_it(straight, tmp_path):
     init = load_init(config(tmp_path / "from_run", f"sft.init_from={run_dir}"))
     assert init.run_dir == run_dir and init.cfg.model == ours.config.to_dict()
     assert init.cfg.data == load_config(run_dir / "config.yaml").data
-    again = sft(config(tmp_path / "from_run", "steps=1", f"sft.init_from={run_dir}"))
+    again = sft(config(tmp_path / "from_run", "steps=4", f"sft.init_from={run_dir}"))
     assert again["initial_val_loss"] == pytest.approx(summary["val_loss"], abs=1e-4)
     assert (init.chat.eos_id, init.chat.eos_token, init.chat.template) == (256, "<|endoftext|>", None)
 
@@ -235,7 +240,7 @@ def test_two_processes_fine_tune_and_export_as_one(straight, tmp_path, free_port
     from safetensors.numpy import load_file
 
     export = straight[1]["export_hf"]
-    common = [*SMALL, "mesh.data=-1", "steps=3", "log.every=1", "log.eval_every=1000", "checkpoint.every=1000",
+    common = [*SMALL, "mesh.data=-1", "steps=4", "log.every=1", "log.eval_every=1000", "checkpoint.every=1000",
               f"sft.init_from={export}"]
 
     def start(name, devices, *args):
