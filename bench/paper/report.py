@@ -282,7 +282,8 @@ def missing_section(plan: Plan, records: dict) -> tuple[str, list[str]]:
 def values(records: dict, get, study: str | None = None) -> str:
     """The distinct values of `get(record)` over the (study's) records, as 'a/b/c'."""
     found = sorted({get(r) for r in records.values() if study is None or r["study"] == study})
-    return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in found) or "—"
+    return "/".join(f"{v:g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+                    for v in found) or "—"
 
 
 def header(plan: Plan, records: dict) -> str:
