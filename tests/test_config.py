@@ -39,6 +39,12 @@ def test_overrides_are_applied_and_typed():
     ("optimizer.nesterov=3", "'optimizer.nesterov' must be bool"),
     ("global_batch=30", "not divisible by grad_accum"),
     ("noequals", "must look like key=value"),
+    ("optimizer.learning_rate=-1", "optimizer.learning_rate=-1.0 must be a positive number"),
+    ("optimizer.learning_rate=0", "optimizer.learning_rate=0.0 must be a positive number"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be ≥ 0"),
+    ("optimizer.grad_clip=-1", "optimizer.grad_clip=-1.0 must be ≥ 0"),
+    ("schedule.final_fraction=2", "schedule.final_fraction=2.0 must be in \\[0, 1\\]"),
+    ("schedule.warmup_steps=-5", "schedule.warmup_steps=-5 must be ≥ 0"),
 ])
 def test_bad_config_names_the_problem(override, message):
     extra = ["grad_accum=4"] if override.startswith("global_batch") else []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import types
 import typing
 from pathlib import Path
@@ -287,6 +288,19 @@ def _validate(c: Config) -> Config:
     sizes = [getattr(c.mesh, a) for a in MESH_AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: each must be ≥ 1, at most one may be -1")
+    o, s = c.optimizer, c.schedule
+    if not (math.isfinite(o.learning_rate) and o.learning_rate > 0):
+        raise ConfigError(f"optimizer.learning_rate={o.learning_rate} must be a positive number (the peak LR, "
+                          "e.g. 3e-3): zero never moves the weights, a negative one ascends the loss")
+    for key in ("weight_decay", "grad_clip", "z_loss"):
+        if not (math.isfinite(getattr(o, key)) and getattr(o, key) >= 0):
+            raise ConfigError(f"optimizer.{key}={getattr(o, key)} must be ≥ 0 (0 disables it)")
+    if s.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be ≥ 0")
+    for key in ("final_fraction", "decay_fraction"):
+        if not 0 <= getattr(s, key) <= 1:
+            raise ConfigError(f"schedule.{key}={getattr(s, key)} must be in [0, 1] (a fraction of the peak LR / "
+                              "of the steps)")
     if not 0 < c.sft.val_fraction < 1:
         raise ConfigError(f"sft.val_fraction={c.sft.val_fraction} must be in (0, 1)")
     _check_model_choices(c.model)
