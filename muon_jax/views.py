@@ -87,9 +87,13 @@ def aligned(tree, like, what: str, static_arg: Optional[str] = None) -> list:
     else:
         diff = f"its entries repeat or come in another order (first at {(like_paths + paths)[i]})"
     hint = ""
-    if static_arg and len(entries) == 1 and len(like_paths) > 1:
-        hint = (f" One entry for {len(like_paths)} leaves: under optax.inject_hyperparams a callable {static_arg} "
-                f"is called as a schedule; pass static_args=({static_arg!r},).")
+    if static_arg and like_paths != ["<root>"]:
+        if isinstance(tree, tuple) and len(tree) == 2 and None not in map(_axis_group, tree):
+            hint = (f" It is one (rows, cols) pair, {tree!r}, for the whole tree: give one per leaf (None for Adam "
+                    "leaves), or read them all from the model with muon_jax.infer_routing.")
+        elif paths == ["<root>"]:
+            hint = (f" It is one entry, {tree!r}, for the whole tree: under optax.inject_hyperparams a "
+                    f"callable {static_arg} is called as a schedule; pass static_args=({static_arg!r},).")
     raise ValueError(f"The {what} tree does not match the parameters' tree: {diff}. Build it from the parameters, "
                      f"e.g. with jax.tree.map(..., params).{hint}")
 

@@ -384,6 +384,8 @@ def test_bad_matrix_axes_fail_at_init_naming_the_leaf():
         muon_jax.muon(0.1, labels=labels, matrix_axes={"kernel": None, "b": None}).init(params)
     with pytest.raises(ValueError, match=r"matrix_axes tree does not match.*\['extra'\]"):
         muon_jax.muon(0.1, labels=labels, matrix_axes={"k": None, "b": None, "extra": (0, 1)}).init(params)
+    with pytest.raises(ValueError, match=r"one \(rows, cols\) pair, \(\(0, 1, 2\), 3\), for the whole tree"):
+        muon_jax.muon(0.1, labels=labels, matrix_axes=((0, 1, 2), 3)).init(params)
     # the same checks in the standalone transforms
     with pytest.raises(ValueError, match=r"\['k'\] name an axis twice"):
         muon_jax.orthogonalize(matrix_axes={"k": ((0, 1), (1, 3))}).init({"k": params["k"]})
@@ -434,6 +436,8 @@ def test_callable_labels_under_inject_hyperparams():
     pick = lambda p: jax.tree.map(lambda x: "muon" if x.ndim > 1 else "adam", p)  # noqa: E731
     with pytest.raises(ValueError, match=r"called as a schedule; pass static_args=\('labels',\)"):
         optax.inject_hyperparams(muon_jax.muon)(learning_rate=0.1, labels=pick).init(params)
+    with pytest.raises(ValueError, match=r"called as a schedule; pass static_args=\('labels',\)"):  # one leaf too
+        optax.inject_hyperparams(muon_jax.muon)(learning_rate=0.1, labels=pick).init({"w": params["w"]})
     tx = optax.inject_hyperparams(muon_jax.muon, static_args=("labels",))(learning_rate=0.1, labels=pick)
     u, _ = tx.update(grads, tx.init(params), params)
     plain = muon_jax.muon(0.1)
