@@ -4,6 +4,7 @@ import os
 import socket
 import tempfile
 
+import numpy as np
 import pytest
 
 # The tests' programs are tiny and compiled once or twice each, so compiling is most of their time: XLA's cheapest
@@ -24,6 +25,18 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
 
+
+def ns_reference(m, steps=5):
+    """Moonlight's quintic Newton–Schulz (zeropower_via_newtonschulz5) on one matrix, in float64 numpy, with the
+    paper's coefficients written out: independent of muon_jax."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = m / (np.linalg.norm(m) + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        g = x @ x.T
+        x = a * x + (b * g + c * g @ g) @ x
+    return x.T if tall else x
 
 # The one small trainer config of the end-to-end tests (test_train, test_reliability, test_prepare's runs may use it
 # too). Everything the jitted step and init see is the same in every run: model, seq_len, batch, optimizer, and a
@@ -113,7 +126,6 @@ def make_random_model(config, seed=0, stddev=0.2):
     build_model's compiled init, which would dominate these tests."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from train.models import abstract_model

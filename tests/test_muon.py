@@ -10,27 +10,15 @@ import optax
 import pytest
 
 import muon_jax
-
-A, B, C = muon_jax.MOONLIGHT_COEFFS
+from conftest import ns_reference  # float64 numpy, Moonlight's coefficients written out
 
 
 # ---------------------------------------------------------------- float64 numpy reference (Moonlight)
-def ns_ref(m, steps=5):
-    """Moonlight's zeropower_via_newtonschulz5 in float64, one matrix at a time."""
-    x = m / (np.linalg.norm(m) + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    for _ in range(steps):
-        a = x @ x.T
-        x = A * x + (B * a + C * a @ a) @ x
-    return x.T if tall else x
-
-
 def muon_ref_update(g, buf, w, *, lr, mu, nesterov, wd):
     buf = mu * buf + g
     m = g + mu * buf if nesterov else buf
     flat = m.reshape(-1, *m.shape[-2:])
-    o = np.stack([ns_ref(x) for x in flat]).reshape(m.shape)
+    o = np.stack([ns_reference(x) for x in flat]).reshape(m.shape)
     scale = 0.2 * np.sqrt(max(m.shape[-2:]))
     return -lr * (scale * o + wd * w), buf
 
@@ -138,7 +126,7 @@ def test_newton_schulz_singular_value_bands():
     for name in ["moonlight", "polar_express"]:
         out = muon_jax.newton_schulz(mats, coeffs=name, dtype=jnp.float32)
         sv[name] = singular_values(out)
-        ref = np.stack([ns_ref(np.asarray(m, np.float64)) for m in mats]) if name == "moonlight" else None
+        ref = np.stack([ns_reference(np.asarray(m, np.float64)) for m in mats]) if name == "moonlight" else None
         if ref is not None:
             np.testing.assert_allclose(out, ref, atol=1e-5)
     # Moonlight's quintic deliberately stops short of 1: its fixed band is about [0.68, 1.13].
@@ -333,7 +321,7 @@ def views_reference(g, rows, cols):
     a, b = np.prod([g.shape[i] for i in rows]), np.prod([g.shape[i] for i in cols])
     moved = np.transpose(np.asarray(g, np.float64), order)
     mats = moved.reshape(-1, a, b)
-    out = np.stack([ns_ref(m) for m in mats]).reshape(moved.shape)
+    out = np.stack([ns_reference(m) for m in mats]).reshape(moved.shape)
     return -0.2 * np.sqrt(max(a, b)) * np.transpose(out, np.argsort(order))
 
 

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import muon_jax
+from conftest import ns_reference
 from muon_jax import infer_routing
 
 S = jax.ShapeDtypeStruct
@@ -182,16 +183,6 @@ def test_linen_cnn_conv_kernel_is_hwio_matrix():
     assert got["['params']['conv1']['bias']"] == ("adam", None)
 
 
-def ns_reference(m, steps=5):
-    """Moonlight's quintic Newton–Schulz in float64 numpy (independent of muon_jax)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = m / (np.linalg.norm(m) + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    for _ in range(steps):
-        g = x @ x.T
-        x = a * x + (b * g + c * g @ g) @ x
-    return x.T if tall else x
 
 
 def test_conv_update_with_inferred_routing_is_ns_of_flattened_kernel():
