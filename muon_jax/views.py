@@ -88,7 +88,7 @@ def aligned(tree, like, what: str, static_arg: Optional[str] = None) -> list:
         diff = f"its entries repeat or come in another order (first at {(like_paths + paths)[i]})"
     hint = ""
     if static_arg and like_paths != ["<root>"]:
-        if isinstance(tree, tuple) and len(tree) == 2 and None not in map(_axis_group, tree):
+        if _axis_groups(tree) is not None:
             hint = (f" It is one (rows, cols) pair, {tree!r}, for the whole tree: give one per leaf (None for Adam "
                     "leaves), or read them all from the model with muon_jax.infer_routing.")
         elif paths == ["<root>"]:
@@ -106,6 +106,14 @@ def _axis_group(value) -> Optional[tuple]:
     if isinstance(value, (tuple, list)) and all(is_int(v) for v in value):
         return tuple(int(v) for v in value)
     return None
+
+
+def _axis_groups(axes) -> Optional[tuple]:
+    """A ``(rows, cols)`` entry (a pair of ints or int sequences) as two tuples of ints; None if it is not one."""
+    if not (isinstance(axes, (tuple, list)) and len(axes) == 2):
+        return None
+    groups = tuple(map(_axis_group, axes))
+    return None if None in groups else groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +189,8 @@ def matrix_view(path, shape: tuple[int, ...], axes) -> MatrixView:
     else:
         if isinstance(axes, optax.contrib.MuonDimensionNumbers):
             axes = (axes.reduction_axis, axes.output_axis)
-        groups = [_axis_group(g) for g in axes] if isinstance(axes, (tuple, list)) and len(axes) == 2 else None
-        if groups is None or None in groups:
+        groups = _axis_groups(axes)
+        if groups is None:
             raise ValueError(f"matrix_axes for the leaf at {at} is {axes!r}; give {AXES_FORMS}.")
         bad = [a for g in groups for a in g if not -ndim <= a < ndim]
         if bad:

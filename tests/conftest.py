@@ -38,6 +38,7 @@ def ns_reference(m, steps=5):
         x = a * x + (b * g + c * g @ g) @ x
     return x.T if tall else x
 
+
 # The one small trainer config of the end-to-end tests (test_train, test_reliability, test_prepare's runs may use it
 # too). Everything the jitted step and init see is the same in every run: model, seq_len, batch, optimizer, and a
 # constant LR after a fixed warmup (a cosine schedule's constants depend on `steps`, so each run length compiled

@@ -183,8 +183,6 @@ def test_linen_cnn_conv_kernel_is_hwio_matrix():
     assert got["['params']['conv1']['bias']"] == ("adam", None)
 
 
-
-
 def test_conv_update_with_inferred_routing_is_ns_of_flattened_kernel():
     """Muon with the inferred routing updates a HWIO kernel [3,3,4,6] as the matrix [36, 6]:
     -0.2·sqrt(max(A, B))·NS(G reshaped), to 1e-4 in float32."""
