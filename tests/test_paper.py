@@ -87,6 +87,15 @@ def test_the_plan_extends_each_grid_until_the_best_lr_is_interior_then_adds_seed
     assert {r["pretrain_lr"] for r in sft if r["pretrain_optimizer"] == "adamw"} == {2e-3}
 
 
+def test_next_spec_limited_to_some_studies_skips_the_others():
+    records = simulate(PLAN, ratio=0.6)
+    scaling = {k: r for k, r in records.items() if r["study"] == "scaling"}
+    assert next_spec(PLAN, {}, ("lr_transfer",)).study == "lr_transfer"
+    assert next_spec(PLAN, {}, ("sft",)) is None   # the SFT's pretraining runs are not chosen yet
+    assert next_spec(PLAN, scaling, ("sft",)).study == "sft"
+    assert next_spec(PLAN, scaling, ("scaling",)) is None
+
+
 @pytest.mark.parametrize("ratio", [0.5, 0.8])
 def test_the_compute_ratio_recovers_a_known_multiplier(ratio):
     # Muon's frontier is AdamW's shifted by `ratio` in compute; piecewise-linear reading in log compute of a

@@ -1,5 +1,5 @@
-"""`python -m bench.paper [--quick] [--report-only] [--out DIR] [--records DIR] [--runs DIR]`: train the runs of the
-study that have no record yet (in plan order), then write the report from the records."""
+"""`python -m bench.paper [--quick] [--report-only] [--study NAME ...] [--out DIR] [--records DIR] [--runs DIR]`:
+train the runs of the study that have no record yet (in plan order), then write the report from the records."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import bench.paper
-from bench.paper.plan import FULL, QUICK, ROOT, next_spec
+from bench.paper.plan import FULL, QUICK, ROOT, STUDIES, next_spec
 from bench.paper.records import RECORDS, read_records
 from bench.paper.report import write_report
 
@@ -24,6 +24,8 @@ def main(argv=None) -> None:
                         help="run records (default bench/paper/records, quick: runs/paper-quick/records)")
     parser.add_argument("--runs", type=Path, default=None,
                         help="run directories (default runs/paper, quick: runs/paper-quick/runs)")
+    parser.add_argument("--study", nargs="+", choices=STUDIES, default=STUDIES,
+                        help="train only these parts of the study (disjoint parts can run side by side)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop training after this many runs")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -32,13 +34,14 @@ def main(argv=None) -> None:
     records_dir = args.records or (quick_dir / "records" if args.quick else RECORDS)
     runs = args.runs or (quick_dir / "runs" if args.quick else ROOT / "runs" / "paper")
     if not args.report_only:
-        train_missing(plan, records_dir, runs, args.quick, args.max_runs)
+        train_missing(plan, records_dir, runs, args.quick, args.max_runs, tuple(args.study))
     path = write_report(plan, read_records(records_dir), out)
     print(f"[bench.paper] wrote {path}", flush=True)
 
 
-def train_missing(plan, records_dir: Path, runs: Path, quick: bool, max_runs: int | None) -> None:
-    """Train the plan's next missing run until none is missing (or `max_runs` ran)."""
+def train_missing(plan, records_dir: Path, runs: Path, quick: bool, max_runs: int | None,
+                  studies: tuple[str, ...] = STUDIES) -> None:
+    """Train the plan's next missing run of `studies` until none is missing (or `max_runs` ran)."""
     if quick:
         # quick runs are compile-bound: XLA's cheapest CPU code generation halves compile time (set before the
         # first computation, when the backend reads XLA_FLAGS)
@@ -52,7 +55,7 @@ def train_missing(plan, records_dir: Path, runs: Path, quick: bool, max_runs: in
     done, t0 = 0, time.perf_counter()
     while max_runs is None or done < max_runs:
         records = read_records(records_dir)
-        spec = next_spec(plan, records)
+        spec = next_spec(plan, records, studies)
         if spec is None:
             break
         train_spec(spec, plan, runs, records_dir)

@@ -207,14 +207,14 @@ class Plan:
         return self.scaling_sweeps() + self.transfer_sweeps() + self.sft_sweeps(records)
 
 
-def next_spec(plan: Plan, records: dict[str, dict]) -> Spec | None:
-    """The next run the study needs, given the records so far (key -> record); None when the plan is done."""
-    for sweep in plan.scaling_sweeps() + plan.transfer_sweeps():
-        pending = sweep_state(sweep, records)[1]
-        if pending is not None:
-            return pending
-    for sweep in plan.sft_sweeps(records):
-        pending = sweep_state(sweep, records)[1]
+STUDIES = ("scaling", "lr_transfer", "sft")
+
+
+def next_spec(plan: Plan, records: dict[str, dict], studies: tuple[str, ...] = STUDIES) -> Spec | None:
+    """The next run the study needs among `studies`, given the records so far (key -> record); None when those
+    are done. Processes given disjoint `studies` can train side by side (one per core)."""
+    for sweep in plan.scaling_sweeps() + plan.transfer_sweeps() + plan.sft_sweeps(records):
+        pending = sweep_state(sweep, records)[1] if sweep.study in studies else None
         if pending is not None:
             return pending
     return None
