@@ -121,7 +121,7 @@ def test_no_overlap_gives_no_ratio():
 
 
 def test_report_only_is_deterministic_and_computed_from_the_records(tmp_path):
-    plan = dataclasses.replace(PLAN, sizes=tuple(Size(32 + 16 * i, 1) for i in range(4)))
+    plan = dataclasses.replace(PLAN, sizes=tuple(Size(32 + 16 * i, 1) for i in range(4)), seeds=(0, 1))
     records_dir = tmp_path / "records"
     for record in simulate(plan, 0.6, noise=0.01).values():
         write_record(records_dir, record)
@@ -142,6 +142,10 @@ def test_report_only_is_deterministic_and_computed_from_the_records(tmp_path):
     assert f"**{ratio:.3f}×**" in doc and 0.5 < ratio < 0.7
     assert set(summary["lr_transfer"]) == {"adamw", "muon-moonlight", "muon-spectral"}
     assert set(summary["sft_2x2"]) == {f"{a}->{b}" for a in ("adamw", "muon") for b in ("adamw", "muon-moonlight")}
+    # the 2×2's sentences are computed: simulated Muon fine-tuning reaches AdamW's loss with 0.6× the compute
+    assert re.search(r"Lowest held-out SFT loss: pretrained with \w+, fine-tuned with Muon", doc), doc
+    assert re.search(r"Pretrained with AdamW: fine-tuning with Muon instead of AdamW changes the loss by -0\.\d+ "
+                     r"nats \(\d+\.\d standard errors\)", doc)
 
     # the numbers come from the records: worsen Muon's best cell at one size and the ratio moves up
     key = max((k for k, r in read_records(records_dir).items() if r["study"] == "scaling" and r["optimizer"] ==

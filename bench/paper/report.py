@@ -210,8 +210,10 @@ def transfer_section(records: dict, out: Path) -> tuple[str, dict]:
     text = "\n".join([
         "## 3. LR transfer across width",
         "",
-        f"Fixed depth, {steps} steps (a shorter horizon than the scaling runs), one seed, ×2 LR grids extended "
-        "until the best is interior. Best LR per width:",
+        f"Fixed depth ({values(records, lambda r: r['layers'], 'lr_transfer')} layers), {steps} steps of "
+        f"{values(records, lambda r: r['tokens'], 'lr_transfer')} tokens per run (the same for every width, so "
+        "wider models see fewer tokens per parameter), one seed, ×2 LR grids extended until the best is interior. "
+        "Best LR per width:",
         "",
         table(["mode", *sizes], rows),
         "",
@@ -232,7 +234,7 @@ def sft_section(records: dict) -> tuple[str, dict]:
         if r["study"] == "sft" and r["initial_val_loss"] is not None:
             initial.setdefault(r["pretrain_optimizer"], r["initial_val_loss"])
     rows = [[f"pretrained with {LABEL[pre if pre == 'adamw' else 'muon-moonlight']}", fmt(initial.get(pre)),
-             *[(lambda b: f"{fmt(b.mean)} ± {fmt(b.std)} ({len(b.losses)} seeds, lr {b.lr:g}"
+             *[(lambda b: f"{fmt(b.mean)} ± {fmt(b.std)} ({len(b.losses)} seed{'s' * (len(b.losses) > 1)}, lr {b.lr:g}"
                 + ("" if b.interior else ", edge") + ")")(result[pre, mode]) if (pre, mode) in result else "—"
                for mode in ("adamw", "muon-moonlight")]]
             for pre in ("adamw", "muon")]
@@ -243,10 +245,37 @@ def sft_section(records: dict) -> tuple[str, dict]:
         "scaling study's best seed-0 runs; mean ± std over seeds at each cell's best LR:",
         "",
         table(["", "before SFT", "fine-tuned with AdamW", "fine-tuned with Muon"], rows),
+        "",
+        *sft_comparisons(result),
     ])
     out = {f"{pre}->{mode}": {"mean": b.mean, "std": b.std, "seeds": len(b.losses), "lr": b.lr,
                               "interior": b.interior} for (pre, mode), b in result.items()}
     return text, out
+
+
+def difference(a, b) -> str:
+    """'b − a = Δ (k standard errors)': b's mean minus a's, in units of the standard error of that difference
+    (from the seed spreads; 'n/a' where both cells have one seed)."""
+    delta = b.mean - a.mean
+    se = math.sqrt(a.std ** 2 / len(a.losses) + b.std ** 2 / len(b.losses))
+    return f"{delta:+.3f} nats ({abs(delta) / se:.1f} standard errors)" if se > 0 else f"{delta:+.3f} nats"
+
+
+def sft_comparisons(result: dict) -> list[str]:
+    """The 2×2's comparing sentences: the lowest cell, then each factor's effect with the other held fixed."""
+    if len(result) < 4:
+        return []
+    name = {"adamw": "AdamW", "muon": "Muon", "muon-moonlight": "Muon"}
+    pre, mode = min(result, key=lambda k: result[k].mean)
+    lines = [f"- Lowest held-out SFT loss: pretrained with {name[pre]}, fine-tuned with {name[mode]} "
+             f"({fmt(result[pre, mode].mean)})."]
+    for p in ("adamw", "muon"):
+        lines.append(f"- Pretrained with {name[p]}: fine-tuning with Muon instead of AdamW changes the loss by "
+                     f"{difference(result[p, 'adamw'], result[p, 'muon-moonlight'])}.")
+    for m in ("adamw", "muon-moonlight"):
+        lines.append(f"- Fine-tuned with {name[m]}: pretraining with Muon instead of AdamW changes the loss by "
+                     f"{difference(result['adamw', m], result['muon', m])}.")
+    return lines
 
 
 def runs_section(records: dict) -> str:
