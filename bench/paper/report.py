@@ -71,7 +71,7 @@ def mean_curve(sweep: dict) -> list[tuple[float, float]]:
 
 def scaling_figure(sweeps: dict, flops: dict, sizes: list[str], lrs: list[float], out: Path) -> str:
     """Left: each size's best-LR loss vs FLOPs and the frontier per optimizer; right: the LR sweeps."""
-    fig, axes = figure(2)
+    fig, axes = figure(2, width=6.0)
     left, right = axes[0]
     for mode in ("adamw", "muon-moonlight"):
         bests = [(flops[g], best_lr(sweeps[g])) for g in sorted(sweeps, key=lambda g: size_order(g[0]))
@@ -95,7 +95,9 @@ def scaling_figure(sweeps: dict, flops: dict, sizes: list[str], lrs: list[float]
     right.set(xlabel="peak learning rate", ylabel="final val loss (nats/token)", title="LR sweeps (mean over seeds)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+    left.legend(fontsize=6)
+    # one entry per sweep: beside the axes, where it hides no curve
+    right.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return save(fig, out, "paper_scaling.png", "configs/paper_base.yaml; one point per run cell, seeds averaged")
 
 
