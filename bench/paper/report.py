@@ -256,8 +256,8 @@ def sft_section(records: dict) -> tuple[str, dict]:
 
 
 def difference(a, b) -> str:
-    """'b − a = Δ (k standard errors)': b's mean minus a's, in units of the standard error of that difference
-    (from the seed spreads; 'n/a' where both cells have one seed)."""
+    """'Δ nats (k standard errors)': b's mean minus a's, and |Δ| over the standard error of that difference from
+    the seed spreads (the standard errors are left out where neither cell has a spread, e.g. one seed each)."""
     delta = b.mean - a.mean
     se = math.sqrt(a.std ** 2 / len(a.losses) + b.std ** 2 / len(b.losses))
     return f"{delta:+.3f} nats ({abs(delta) / se:.1f} standard errors)" if se > 0 else f"{delta:+.3f} nats"
